@@ -1,0 +1,245 @@
+"""Typed run configuration. Each dataclass validates itself; :class:`RunConfig` checks how they fit.
+
+A run is a named preset plus ``a.b=value`` overrides (see :mod:`megatron_seed.config.loading`).
+Errors say what to change, naming the config key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key to change."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, GQA, RoPE, no biases."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 176
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    vocab_size: int = 272
+    max_position_embeddings: int = 8192
+    rotary_base: float = 500000.0
+    norm_epsilon: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    # "sdpa": torch scaled_dot_product_attention (fast on CPU and GPU); "megatron": megatron-core's
+    # unfused DotProductAttention. Ignored by the Transformer Engine spec, which brings its own.
+    attention_backend: Literal["sdpa", "megatron"] = "sdpa"
+    # "auto": Transformer Engine layers when transformer_engine imports and CUDA is present,
+    # megatron-core local layers otherwise.
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "max_position_embeddings"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                 f"model.num_attention_heads ({self.num_attention_heads})")
+        _require(self.num_attention_heads % self.num_query_groups == 0,
+                 f"model.num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                 f"model.num_query_groups ({self.num_query_groups})")
+        _require(self.attention_backend in ("sdpa", "megatron"),
+                 "model.attention_backend must be 'sdpa' or 'megatron'")
+        _require(self.transformer_impl in ("auto", "local", "transformer_engine"),
+                 "model.transformer_impl must be 'auto', 'local' or 'transformer_engine'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_parameters(self) -> int:
+        """Exact parameter count (embeddings counted once when tied)."""
+        h, f, v, layers = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
+        kv = self.num_query_groups * self.head_dim
+        attn = h * h + 2 * h * kv + h * h
+        mlp = 3 * h * f
+        per_layer = attn + mlp + 2 * h
+        embed = v * h * (1 if self.tie_embeddings else 2)
+        return layers * per_layer + embed + h
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    # Interleaved pipeline schedule: model chunks per pipeline rank (None = not interleaved).
+    virtual_pipeline: Optional[int] = None
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+    def validate(self) -> None:
+        _require(self.tensor >= 1 and self.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
+        if self.virtual_pipeline is not None:
+            _require(self.virtual_pipeline >= 1, "parallel.virtual_pipeline must be >= 1 or null")
+            _require(self.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
+        _require(not self.sequence_parallel or self.tensor > 1,
+                 "parallel.sequence_parallel needs parallel.tensor > 1")
+        _require(not self.overlap_param_gather or self.distributed_optimizer,
+                 "parallel.overlap_param_gather needs parallel.distributed_optimizer=true")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    # "cosine": linear warmup then cosine to min_lr; "wsd": warmup-stable-decay (decay over the
+    # last wsd_decay_steps); "constant": warmup then flat.
+    schedule: Literal["cosine", "wsd", "constant", "linear"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # defaults to train.steps
+    wsd_decay_steps: int = 0
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optimizer.lr must be positive")
+        _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
+        _require(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")
+        _require(self.schedule in ("cosine", "wsd", "constant", "linear"),
+                 "optimizer.schedule must be one of cosine, wsd, constant, linear")
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+        if self.schedule == "wsd":
+            _require(self.wsd_decay_steps > 0, "optimizer.schedule=wsd needs optimizer.wsd_decay_steps > 0")
+
+
+@dataclass
+class DataConfig:
+    # Megatron-style blend: ["prefix"] or ["0.7", "prefixA", "0.3", "prefixB"] (weights optional).
+    # Each prefix names PREFIX.bin/PREFIX.idx. Empty with mock=true: synthetic tokens.
+    blend: list[str] = field(default_factory=list)
+    split: str = "98,2,0"
+    seq_length: int = 128
+    mock: bool = False
+    cache_dir: Optional[str] = None
+    tokenizer: Optional[str] = None  # tokenizer spec; used for logging samples and generation
+
+    def validate(self) -> None:
+        _require(self.seq_length > 0, "data.seq_length must be positive")
+        _require(self.mock or bool(self.blend),
+                 "data.blend is empty: give data.blend=[PREFIX] (files PREFIX.bin/.idx, e.g. from "
+                 "tools/preprocess_data.py) or data.mock=true for synthetic tokens")
+        parts = self.split.split(",")
+        _require(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
+                 f"data.split must be three comma-separated numbers like '98,2,0', got {self.split!r}")
+        for prefix in self.prefixes():
+            for suffix in (".bin", ".idx"):
+                _require(os.path.isfile(prefix + suffix),
+                         f"data.blend: {prefix + suffix} does not exist; build it with "
+                         "tools/preprocess_data.py or fix the prefix")
+
+    def prefixes(self) -> list[str]:
+        return [p for p in self.blend if not _is_number(p)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    micro_batch_size: int = 2
+    global_batch_size: int = 4
+    seed: int = 1234
+    precision: Literal["fp32", "bf16"] = "bf16"
+    # FP8 via Transformer Engine recipes (GPU only): null, "hybrid" or "e4m3".
+    fp8: Optional[Literal["hybrid", "e4m3"]] = None
+    recompute: Literal["none", "full", "selective"] = "none"
+    log_interval: int = 1
+    run_dir: str = "runs/default"
+    save: Optional[str] = None
+    save_interval: int = 0
+    load: Optional[str] = None
+    async_save: bool = False
+    eval_interval: int = 0
+    eval_steps: int = 2
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        _require(self.steps >= 0, "train.steps must be >= 0")
+        _require(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+        _require(self.global_batch_size >= 1, "train.global_batch_size must be >= 1")
+        _require(self.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'")
+        _require(self.recompute in ("none", "full", "selective"),
+                 "train.recompute must be none, full or selective")
+        _require(self.fp8 in (None, "hybrid", "e4m3"), "train.fp8 must be null, 'hybrid' or 'e4m3'")
+        _require(self.log_interval >= 1, "train.log_interval must be >= 1")
+        _require(self.save_interval >= 0, "train.save_interval must be >= 0")
+        _require(not (self.save_interval and not self.save),
+                 "train.save_interval is set but train.save (checkpoint directory) is not")
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int) -> None:
+        for part in (self.model, self.parallel, self.optimizer, self.data, self.train):
+            part.validate()
+        m, p, t = self.model, self.parallel, self.train
+        mp = p.tensor * p.pipeline
+        _require(world_size % mp == 0,
+                 f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
+                 f"= {p.tensor} x {p.pipeline}; launch a multiple of {mp} processes or change them")
+        dp = world_size // mp
+        _require(m.num_attention_heads % p.tensor == 0,
+                 f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+                 f"parallel.tensor ({p.tensor})")
+        _require(m.num_query_groups % p.tensor == 0,
+                 f"model.num_query_groups ({m.num_query_groups}) must be divisible by "
+                 f"parallel.tensor ({p.tensor})")
+        _require(m.ffn_hidden_size % p.tensor == 0,
+                 f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tensor ({p.tensor})")
+        chunks = p.pipeline * (p.virtual_pipeline or 1)
+        _require(m.num_layers % chunks == 0,
+                 f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x "
+                 f"parallel.virtual_pipeline = {chunks}")
+        _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+                 f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+                 f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+        if p.virtual_pipeline:
+            micro = t.global_batch_size // (t.micro_batch_size * dp)
+            _require(micro % p.pipeline == 0,
+                     f"the interleaved schedule needs the number of micro-batches ({micro}) to be "
+                     f"divisible by parallel.pipeline ({p.pipeline}); change train.global_batch_size")
+        _require(not p.sequence_parallel or self.data.seq_length % p.tensor == 0,
+                 "parallel.sequence_parallel needs data.seq_length divisible by parallel.tensor")
+        _require(self.data.seq_length <= m.max_position_embeddings,
+                 f"data.seq_length ({self.data.seq_length}) exceeds model.max_position_embeddings "
+                 f"({m.max_position_embeddings})")
+        _require(t.fp8 is None or t.precision == "bf16", "train.fp8 needs train.precision=bf16")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.parallel.tensor * self.parallel.pipeline)

@@ -1,0 +1,137 @@
+"""The Seed-Coder / Llama-3 decoder as a megatron-core ``GPTModel``.
+
+The model is megatron-core's own GPTModel built from a ``TransformerConfig`` and a layer spec;
+this module only translates our :class:`ModelConfig` into those two and picks the spec:
+
+* Transformer Engine spec (fused layers, FP8) when ``transformer_engine`` imports and CUDA is up;
+* megatron-core local spec otherwise, with core attention swapped for :class:`SDPAttention`.
+
+Parallelism (TP/PP/VPP, sequence parallel), recompute and precision are applied here from the
+run config, in one place, not inside the model definition.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_seed.config.schema import ModelConfig, ParallelConfig, TrainConfig
+
+
+def transformer_engine_available() -> bool:
+    """TE is used only with CUDA, and only if it imports (it fails to import without cuDNN)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return False
+    return True
+
+
+def resolve_impl(model: ModelConfig) -> str:
+    if model.transformer_impl == "auto":
+        return "transformer_engine" if transformer_engine_available() else "local"
+    if model.transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise RuntimeError(
+            "model.transformer_impl=transformer_engine but Transformer Engine is not usable here "
+            "(needs CUDA and `pip install megatron-seed[te]`); use model.transformer_impl=local")
+    return model.transformer_impl
+
+
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    bf16 = train.precision == "bf16"
+    impl = resolve_impl(model)
+    if train.fp8 and impl != "transformer_engine":
+        raise RuntimeError("train.fp8 needs Transformer Engine on a GPU; on CPU FP8 numerics are "
+                           "available by emulation in megatron_seed.models.fp8 only")
+    recompute = {} if train.recompute == "none" else (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if train.recompute == "full" else dict(recompute_granularity="selective"))
+    fp8 = dict(fp8=train.fp8, fp8_recipe="delayed") if train.fp8 else {}
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        # Full weights are initialised on CPU from one seed, then split: the same model at any TP/PP.
+        use_cpu_initialization=True,
+        # CUDA-only fusions are enabled only where their kernels exist.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=impl == "transformer_engine",
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+        deallocate_pipeline_outputs=True,
+        **recompute,
+        **fp8,
+    )
+
+
+def layer_spec(model: ModelConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if resolve_impl(model) == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if model.attention_backend == "sdpa":
+        from megatron_seed.models.attention import SDPAttention
+
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
+                       seq_length: Optional[int] = None) -> list:
+    """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = build_transformer_config(model, parallel, train)
+    spec = layer_spec(model)
+    chunks = []
+    for vp_stage in range(parallel.virtual_pipeline or 1):
+        vp = vp_stage if parallel.virtual_pipeline else None
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=model.vocab_size,
+            max_sequence_length=seq_length or model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            vp_stage=vp,
+        )
+        if torch.cuda.is_available():
+            gpt.cuda(torch.cuda.current_device())
+        chunks.append(gpt)
+    return chunks

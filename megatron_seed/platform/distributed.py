@@ -1,0 +1,81 @@
+"""Process groups: torch.distributed + megatron-core parallel state, on GPU (NCCL) or CPU (gloo)."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+
+from megatron_seed.platform import launch, megatron_cpu
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None
+    device: torch.device
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
+               timeout_minutes: int = 30) -> ParallelContext:
+    """Start torch.distributed from the launcher's environment and build megatron's groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    env = launch.detect()
+    on_cpu = megatron_cpu.apply()
+    if not torch.distributed.is_initialized():
+        launch.export_torch_env(env)
+        if not on_cpu:
+            torch.cuda.set_device(env.local_rank)
+        torch.distributed.init_process_group(
+            backend="gloo" if on_cpu else "nccl", rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    world = torch.distributed.get_world_size()
+    return ParallelContext(
+        rank=torch.distributed.get_rank(), world_size=world, local_rank=env.local_rank,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        tp=tp, pp=pp, dp=world // (tp * pp), vpp=vpp,
+        device=torch.device("cpu") if on_cpu else torch.device("cuda", env.local_rank),
+        launcher=env.launcher,
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,190 @@
+"""Sharded checkpoints with megatron-core dist_checkpointing, saved atomically.
+
+Layout under ``save``::
+
+    iter_0000010/          a complete checkpoint (megatron-core's metadata + shards + common.pt)
+    latest                 text: the name of the newest complete checkpoint
+    iter_0000020.partial/  a save in progress (or killed); never loaded
+
+A save writes to ``iter_N.partial``, then after every rank has finished, rank 0 renames it to
+``iter_N`` and replaces ``latest`` atomically (write-to-temp + fsync + rename). A process killed at
+any point leaves either the old ``latest`` or the new one, each naming a complete directory.
+
+Model shards carry global tensor keys, so a checkpoint loads at another TP/PP than it was saved
+with. Optimizer state uses the fully-reshardable format of the distributed optimizer. RNG states
+are sharded per (pp, tp, dp) rank and restored only at the same layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+LATEST = "latest"
+
+
+def iteration_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint under ``root`` (or ``root`` itself if it is one)."""
+    if os.path.isfile(os.path.join(root, "metadata.json")):
+        return root
+    marker = os.path.join(root, LATEST)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            path = os.path.join(root, f.read().strip())
+        if os.path.isfile(os.path.join(path, "metadata.json")):
+            return path
+    complete = sorted(d for d in os.listdir(root) if d.startswith("iter_") and not d.endswith(".partial")
+                      and os.path.isfile(os.path.join(root, d, "metadata.json"))) if os.path.isdir(root) else []
+    return os.path.join(root, complete[-1]) if complete else None
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def _rng_state(ctx):
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state", state, (ctx.pp, ctx.tp, ctx.dp), (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank),
+                         replica_id=0)
+
+
+def _state_dict(chunks, optimizer, scheduler, state: TrainState, ctx, is_loading: bool, with_optimizer: bool,
+                with_rng: bool):
+    sd = {}
+    for i, chunk in enumerate(chunks):
+        sd["model" if len(chunks) == 1 else f"model{i}"] = chunk.sharded_state_dict()
+    if with_optimizer:
+        model_sd = {}
+        for part in (sd[k] for k in sd if k.startswith("model")):
+            model_sd.update(part)
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        sd["scheduler"] = scheduler.state_dict()
+    sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
+    if with_rng:
+        sd["rng_state"] = _rng_state(ctx)
+    sd["parallel"] = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}
+    return sd
+
+
+class Checkpointer:
+    def __init__(self, ctx, save_dir: Optional[str], async_save: bool = False):
+        self.ctx, self.save_dir, self.async_save = ctx, save_dir, async_save
+        self._queue = None
+        self._pending = None
+
+    # ---------------------------------------------------------------- save
+    def save(self, chunks, optimizer, scheduler, state: TrainState) -> str:
+        from megatron.core import dist_checkpointing
+
+        self.finalize()
+        final = iteration_dir(self.save_dir, state.step)
+        partial = final + ".partial"
+        if self.ctx.is_main:
+            os.makedirs(self.save_dir, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        torch.distributed.barrier()
+        sd = _state_dict(chunks, optimizer, scheduler, state, self.ctx, is_loading=False,
+                         with_optimizer=True, with_rng=True)
+        if self.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            request = dist_checkpointing.save(sd, partial, async_sharded_save=True)
+            request.add_finalize_fn(lambda: self._publish(partial, final))
+            if self._queue is None:
+                self._queue = AsyncCallsQueue()
+            self._queue.schedule_async_request(request)
+            self._pending = final
+        else:
+            dist_checkpointing.save(sd, partial)
+            torch.distributed.barrier()
+            self._publish(partial, final)
+            torch.distributed.barrier()
+        return final
+
+    def _publish(self, partial: str, final: str) -> None:
+        if not self.ctx.is_main:
+            return
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _fsync_dir(self.save_dir)
+        _atomic_write(os.path.join(self.save_dir, LATEST), os.path.basename(final) + "\n")
+
+    def finalize(self, blocking: bool = True) -> None:
+        """Complete pending async saves (publishing them)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+            self._queue.close()
+            self._queue = None
+
+    # ---------------------------------------------------------------- load
+    def load(self, path: str, chunks, optimizer, scheduler, with_optimizer: bool = True) -> TrainState:
+        """Load into the given chunks (any TP/PP); optimizer and RNG when the layout allows."""
+        from megatron.core import dist_checkpointing
+
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint under {path} (looked for {LATEST}, iter_*/metadata.json)")
+        common = dist_checkpointing.load_common_state_dict(found)
+        saved = common.get("parallel", {})
+        same_layout = saved == {"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp}
+        with_optimizer = with_optimizer and "scheduler" in common
+        sd = _state_dict(chunks, optimizer, scheduler, TrainState(), self.ctx, is_loading=True,
+                         with_optimizer=with_optimizer, with_rng=same_layout)
+        loaded = dist_checkpointing.load(sd, found)
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+        if with_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
+            scheduler.load_state_dict(loaded["scheduler"])
+        if same_layout:
+            from megatron.core import tensor_parallel
+
+            rng = loaded["rng_state"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        ts = loaded["train_state"]
+        return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]))
