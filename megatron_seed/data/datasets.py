@@ -48,7 +48,22 @@ def build_datasets(data: DataConfig, seed: int, vocab_size: int, eod: int,
         mid_level_dataset_surplus=0.005,
     )
     cls = MockGPTDataset if data.mock else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
+    splits = BlendedMegatronDatasetBuilder(cls, list(num_samples), lambda: True, config).build()
+    for split in splits:
+        _disable_mask_cache(split)
+    return splits
+
+
+def _disable_mask_cache(dataset) -> None:
+    """megatron-core 0.16 GPTDataset caches the first sample's loss mask *after* zeroing that
+    sample's pad positions in place, so those zeros leak into every later sample, and which sample
+    comes first differs between data-parallel layouts. Recomputing masks per sample is cheap."""
+    if dataset is None:
+        return
+    for child in getattr(dataset, "datasets", ()):
+        _disable_mask_cache(child)
+    if hasattr(dataset, "masks_and_position_ids_are_cacheable"):
+        dataset.masks_and_position_ids_are_cacheable = False
 
 
 def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,

@@ -43,6 +43,10 @@ def resolve_impl(model: ModelConfig) -> str:
     return model.transformer_impl
 
 
+def _leave_as_is(tensor):
+    return tensor
+
+
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -78,7 +82,12 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
-        # Full weights are initialised on CPU from one seed, then split: the same model at any TP/PP.
+        # Weights are drawn afterwards by megatron_seed.models.init (the same model at any
+        # TP/PP). megatron-core's initialisation still runs, with a no-op init method, because it
+        # is what tags parameters as tensor-parallel (used by grad norms and optimizers).
+        perform_initialization=True,
+        init_method=_leave_as_is,
+        output_layer_init_method=_leave_as_is,
         use_cpu_initialization=True,
         # CUDA-only fusions are enabled only where their kernels exist.
         bias_activation_fusion=False,
@@ -95,33 +104,53 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
 
 
 def layer_spec(model: ModelConfig):
+    """The transformer layer spec: Transformer Engine's, or megatron-core's local one with our
+    RMSNorm (sequence-parallel capable) and, by default, SDPA core attention."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_impl(model) == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_seed.models.norm import RMSNorm
+
+    spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     if model.attention_backend == "sdpa":
         from megatron_seed.models.attention import SDPAttention
 
-        spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
+def block_spec(model: ModelConfig, config, vp_stage):
+    """This pipeline stage's layers plus the final norm (ours on the local spec)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules, get_num_layers_to_build)
+
+    spec = layer_spec(model)
+    if resolve_impl(model) == "transformer_engine":
+        return spec
+    from megatron_seed.models.norm import RMSNorm
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage,
+                                     pp_rank=parallel_state.get_pipeline_model_parallel_rank())
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
+
+
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
-                       seq_length: Optional[int] = None) -> list:
+                       seq_length: Optional[int] = None, seed: int = 1234) -> list:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     config = build_transformer_config(model, parallel, train)
-    spec = layer_spec(model)
     chunks = []
     for vp_stage in range(parallel.virtual_pipeline or 1):
         vp = vp_stage if parallel.virtual_pipeline else None
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(model, config, vp),
             vocab_size=model.vocab_size,
             max_sequence_length=seq_length or model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
@@ -134,4 +163,7 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: Trai
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
         chunks.append(gpt)
+    from megatron_seed.models.init import init_parameters
+
+    init_parameters(chunks, seed, model.init_std, model.num_layers)
     return chunks

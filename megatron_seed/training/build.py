@@ -31,7 +31,7 @@ def build_pretraining(run: RunConfig, world_size: int | None = None) -> Trainer:
         logger.info(f"megatron-seed pretrain: {run.name} | {run.model.num_parameters() / 1e6:.2f}M params | "
                     f"world {ctx.world_size} (tp {ctx.tp} pp {ctx.pp} dp {ctx.dp}"
                     f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}) | {ctx.device} | launcher {ctx.launcher}")
-    chunks = wrap_for_training(build_model_chunks(run.model, p, run.train, run.data.seq_length), run)
+    chunks = wrap_for_training(build_model_chunks(run.model, p, run.train, run.data.seq_length, run.train.seed), run)
     optimizer = build_optimizer(chunks, run)
     scheduler = build_scheduler(optimizer, run)
     tokenizer = load_tokenizer(run.data.tokenizer)

@@ -1,0 +1,62 @@
+"""Parameter initialisation that does not depend on the parallel layout.
+
+megatron-core draws weights from one generator in construction order, so a rank of a PP=2 run
+(which builds only its own layers) draws different numbers than a PP=1 run. Here every tensor is
+drawn from a generator seeded by (seed, its global checkpoint key): the full tensor is
+generated and the rank keeps its shard, located through megatron-core's own sharded state dict.
+The same seed therefore gives the same model at any TP/PP/VPP.
+
+Rules (Llama / Megatron-LM defaults): norms 1; output projections of attention and MLP
+(``linear_proj``, ``linear_fc2``) N(0, std / sqrt(2 * num_layers)); everything else N(0, std).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+
+def _iter_sharded_tensors(sharded):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    for value in sharded.values():
+        if isinstance(value, ShardedTensor):
+            yield value
+        elif isinstance(value, ShardedTensorFactory):
+            built = value.build_fn(value.key, value.data, value.replica_id, value.flattened_range)
+            yield from _iter_sharded_tensors(built if isinstance(built, dict) else {"_": built})
+        elif isinstance(value, dict):
+            yield from _iter_sharded_tensors(value)
+        elif isinstance(value, (list, tuple)):
+            yield from _iter_sharded_tensors(dict(enumerate(value)))
+
+
+def _full_tensor(key: str, shape, seed_key: str, seed: int, std: float, num_layers: int) -> torch.Tensor:
+    if "norm" in key.rsplit(".", 2)[-2] or key.endswith("layer_norm_weight"):
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(seed_key.encode())) % 2**63)
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        std = std / math.sqrt(2.0 * num_layers)
+    return torch.randn(shape, generator=g) * std
+
+
+@torch.no_grad()
+def init_parameters(chunks: list, seed: int, std: float, num_layers: int) -> None:
+    """Overwrite every parameter of every chunk with its layout-independent value."""
+    seen = set()
+    for chunk in chunks:
+        for sh in _iter_sharded_tensors(chunk.sharded_state_dict()):
+            if sh.data is None or not sh.data.is_floating_point() or "_extra_state" in sh.key:
+                continue
+            if id(sh.data) in seen and sh.replica_id:
+                continue
+            # Leading "prepended" axes index layers (and expert/SwiGLU halves): they select which
+            # tensor this is, so they go into the seed; only the remaining axes are generated.
+            k = sh.prepend_axis_num
+            seed_key = f"{sh.key}@{tuple(sh.global_offset[:k])}"
+            full = _full_tensor(sh.key, sh.global_shape[k:], seed_key, seed, std, num_layers)
+            index = tuple(slice(off, off + size) for off, size in zip(sh.global_offset[k:], sh.local_shape))
+            sh.data.copy_(full[index].reshape(sh.data.shape).to(sh.data.dtype))
+            seen.add(id(sh.data))
