@@ -114,6 +114,12 @@ SOURCE_REWRITES = (
         _HALF_TYPES, "marks 16-bit params by CUDA tensor type names",
     ),
     SourceRewrite(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+        (("send_tensor = send_tensor.cuda()", "pass"),),
+        "moves optimizer-state shards to CUDA before gathering them for a reshardable checkpoint",
+    ),
+    SourceRewrite(
         "megatron.core.models.common.language_module.language_module",
         "LanguageModule.setup_embeddings_and_output_layer",
         (("weight.data = weight.data.cuda()", "pass"),),
@@ -376,6 +382,9 @@ def _shim_loaded_modules(shim: types.ModuleType) -> None:
 
 # sha256 of each rewritten function's source in megatron-core PINNED_MEGATRON_CORE.
 PATCH_HASHES: dict[str, str] = {
+    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero": (
+        "812c52ea4568b0ffae6132290b6bffe247fa0c44e42835be3e1ae55cbadd838b"
+    ),
     "megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32": (
         "8edb9da5365045a5d1c21c4ca81697412bbdbab725209db8df00dc90d03363e1"
     ),

@@ -11,8 +11,13 @@ A save writes to ``iter_N.partial``, then after every rank has finished, rank 0 
 any point leaves either the old ``latest`` or the new one, each naming a complete directory.
 
 Model shards carry global tensor keys, so a checkpoint loads at another TP/PP than it was saved
-with. Optimizer state uses the fully-reshardable format of the distributed optimizer. RNG states
-are sharded per (pp, tp, dp) rank and restored only at the same layout.
+with.  RNG states
+are sharded per (pp, tp, dp) rank and restored only at the same layout. Optimizer state (and the
+LR schedule) is restored when TP, PP and the optimizer kind match the checkpoint (the
+distributed optimizer's "dp_reshardable" format also allows another DP size); otherwise only the
+model is loaded and a message says so, as Megatron-LM does with ``--no-load-optim``. Fully
+reshardable optimizer state needs megatron-core paths that assume CUDA and TE/Apex Adam; it is
+not offered on CPU.
 """
 
 from __future__ import annotations
@@ -82,24 +87,55 @@ def _rng_state(ctx):
                          replica_id=0)
 
 
+def _is_distributed(optimizer) -> bool:
+    return any(type(o).__name__ == "DistributedOptimizer"
+               for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers: checkpoints hold its keys only, so
+    they do not depend on precision or data-parallel wrapping."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def _state_dict(chunks, optimizer, scheduler, state: TrainState, ctx, is_loading: bool, with_optimizer: bool,
                 with_rng: bool):
     sd = {}
     for i, chunk in enumerate(chunks):
-        sd["model" if len(chunks) == 1 else f"model{i}"] = chunk.sharded_state_dict()
+        sd["model" if len(chunks) == 1 else f"model{i}"] = unwrap(chunk).sharded_state_dict()
     if with_optimizer:
         model_sd = {}
         for part in (sd[k] for k in sd if k.startswith("model")):
             model_sd.update(part)
         sd["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            metadata={"distrib_optim_sharding_type": "dp_reshardable"})
         sd["scheduler"] = scheduler.state_dict()
     sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
     if with_rng:
         sd["rng_state"] = _rng_state(ctx)
-    sd["parallel"] = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp}
+    sd["parallel"] = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp,
+                      "distributed_optimizer": _is_distributed(optimizer)}
     return sd
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """megatron-core 0.16's DistributedOptimizer on torch's Adam (no TE/Apex) keeps the step
+    count in ``param_groups[i]["step"]`` in checkpoints, but its load leaves each parameter's own
+    ``state["step"]`` (which torch's Adam reads for bias correction) at the placeholder value.
+    Set every parameter's step from its group, one tensor per parameter (Adam increments them
+    in place)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 class Checkpointer:
@@ -159,6 +195,7 @@ class Checkpointer:
             self._queue = None
 
     # ---------------------------------------------------------------- load
+    @torch.no_grad()
     def load(self, path: str, chunks, optimizer, scheduler, with_optimizer: bool = True) -> TrainState:
         """Load into the given chunks (any TP/PP); optimizer and RNG when the layout allows."""
         from megatron.core import dist_checkpointing
@@ -168,15 +205,31 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint under {path} (looked for {LATEST}, iter_*/metadata.json)")
         common = dist_checkpointing.load_common_state_dict(found)
         saved = common.get("parallel", {})
-        same_layout = saved == {"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp}
+        dist_opt = _is_distributed(optimizer)
+        same_layout = saved == {"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp,
+                                "distributed_optimizer": dist_opt}
+        optimizer_fits = (saved.get("tp"), saved.get("pp"), saved.get("distributed_optimizer")) == (
+            self.ctx.tp, self.ctx.pp, dist_opt) and (dist_opt or saved.get("dp") == self.ctx.dp)
+        if with_optimizer and not optimizer_fits:
+            if self.ctx.is_main:
+                print(f"checkpoint {found} was saved with {saved}; loading the model only "
+                      "(optimizer state and LR schedule start fresh)", flush=True)
+            with_optimizer = False
         with_optimizer = with_optimizer and "scheduler" in common
+        if with_optimizer:
+            # A fresh distributed optimizer has no Adam state to describe yet; megatron-core fills
+            # it with placeholders (overwritten by the load) the same way for its own loader.
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+                if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+                    opt._init_optimizer_states_with_dummy_values()
         sd = _state_dict(chunks, optimizer, scheduler, TrainState(), self.ctx, is_loading=True,
                          with_optimizer=with_optimizer, with_rng=same_layout)
         loaded = dist_checkpointing.load(sd, found)
         for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+            unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
         if with_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])
+            _restore_adam_steps(optimizer)
             scheduler.load_state_dict(loaded["scheduler"])
         if same_layout:
             from megatron.core import tensor_parallel

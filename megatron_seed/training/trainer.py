@@ -125,6 +125,7 @@ class Trainer:
             if t.save and t.save_interval and self.state.step % t.save_interval == 0:
                 path = self.checkpointer.save(self.chunks, self.optimizer, self.scheduler, self.state)
                 self.logger.info(f"saved checkpoint {path}")
+                window_start = time.perf_counter()  # keep save time out of throughput
         if t.save and (not t.save_interval or self.state.step % t.save_interval != 0):
             path = self.checkpointer.save(self.chunks, self.optimizer, self.scheduler, self.state)
             self.logger.info(f"saved checkpoint {path}")
