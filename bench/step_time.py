@@ -1,0 +1,113 @@
+"""Training-step time and peak memory on CPU: megatron-seed vs a plain Hugging Face step.
+
+    python bench/step_time.py [--presets tiny,llama_100m] [--steps 4] [--warmup 1]
+
+Ours: the pretraining Trainer's step (megatron-core GPTModel, local spec + SDPA, megatron DDP and
+optimizer, bf16 weights with fp32 main params, grad clipping). Reference: transformers
+``LlamaForCausalLM`` of the same shape, fp32 weights, bf16 autocast, torch AdamW, grad clipping,
+measured in the same run. Each side runs in its own subprocess so peak RSS is its own.
+Prints median step seconds, peak RSS and the ratio (reference time / our time; > 1 = we are faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {  # preset -> (seq, micro-batch)
+    "tiny": (64, 2),
+    "llama_100m": (512, 4),
+}
+
+
+def _ours(preset: str, steps: int, warmup: int) -> dict:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29531")
+    from megatron_seed.config import load_config
+    from megatron_seed.training.build import build_pretraining
+
+    seq, mbs = SHAPES[preset]
+    run = load_config(None, [f"train.steps={steps + warmup}", f"data.seq_length={seq}", "data.mock=true",
+                             f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
+                             "train.precision=bf16", "train.run_dir=/tmp/bench_step_time",
+                             "train.tensorboard=false"], preset=preset)
+    trainer = build_pretraining(run)
+    it = trainer._iterators(0, 0)
+    times = []
+    for i in range(steps + warmup):
+        t0 = time.perf_counter()
+        trainer.train_step(it)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _hf(preset: str, steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_seed.config import run_preset
+
+    m = run_preset(preset).model
+    seq, mbs = SHAPES[preset]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups, rope_theta=m.rotary_base, rms_norm_eps=m.norm_epsilon,
+        tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    tokens = torch.randint(0, m.vocab_size, (mbs, seq))
+    times = []
+    for i in range(steps + warmup):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--presets", default="tiny,llama_100m")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        side, preset = args._child
+        result = (_ours if side == "ours" else _hf)(preset, args.steps, args.warmup)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    for preset in args.presets.split(","):
+        results = {}
+        for side in ("hf", "ours"):
+            out = subprocess.run([sys.executable, __file__, "--_child", side, preset, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            results[side] = json.loads(line[0][7:])
+        ours, ref = results["ours"], results["hf"]
+        print(f"{preset:>11}: ours {ours['median_s']:.4f} s/step, peak {ours['peak_rss_gib']:.2f} GiB | "
+              f"HF bf16-autocast {ref['median_s']:.4f} s/step, peak {ref['peak_rss_gib']:.2f} GiB | "
+              f"speed-up {ref['median_s'] / ours['median_s']:.2f}x | memory ratio "
+              f"{ours['peak_rss_gib'] / ref['peak_rss_gib']:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

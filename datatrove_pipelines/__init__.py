@@ -1,0 +1,1 @@
+"""datatrove pipeline steps for code curation."""
