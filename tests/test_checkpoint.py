@@ -52,3 +52,13 @@ def test_partial_and_corrupt_saves_are_never_loaded(tmp_path):
     (ckpt / "latest").write_text("iter_0000009\n")
     assert latest_checkpoint(str(ckpt)).endswith("iter_0000002")
     assert latest_checkpoint(str(tmp_path / "nothing")) is None
+
+
+def test_async_save_publishes_and_resumes_exactly(tmp_path):
+    full, resumed, ckpt = (tmp_path / n for n in ("full", "resumed", "ckpt"))
+    opts = ("train.steps=4", "train.precision=fp32")
+    run_pretrain(full, *opts, f"train.save={ckpt}", "train.save_interval=2", "train.async_save=true")
+    assert sorted(os.listdir(ckpt)) == ["iter_0000002", "iter_0000004", "latest"]
+    run_pretrain(resumed, *opts, f"train.load={ckpt}/iter_0000002")
+    want = losses(full)
+    assert_losses_close(losses(resumed), {3: want[3], 4: want[4]}, atol=0.0)
