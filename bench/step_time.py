@@ -26,6 +26,17 @@ SHAPES = {  # preset -> (seq, micro-batch)
 }
 
 
+def _time_steps(step, steps: int, warmup: int) -> dict:
+    """Median seconds of ``step()`` after ``warmup`` untimed calls, and this process's peak RSS."""
+    times = []
+    for i in range(steps + warmup):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def _ours(preset: str, steps: int, warmup: int) -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
@@ -39,13 +50,7 @@ def _ours(preset: str, steps: int, warmup: int) -> dict:
                              "train.tensorboard=false"], preset=preset)
     trainer = build_pretraining(run)
     it = trainer._iterators(0, 0)
-    times = []
-    for i in range(steps + warmup):
-        t0 = time.perf_counter()
-        trainer.train_step(it)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return _time_steps(lambda: trainer.train_step(it), steps, warmup)
 
 
 def _hf(preset: str, steps: int, warmup: int) -> dict:
@@ -64,18 +69,16 @@ def _hf(preset: str, steps: int, warmup: int) -> dict:
         tie_word_embeddings=m.tie_embeddings, attn_implementation="sdpa"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     tokens = torch.randint(0, m.vocab_size, (mbs, seq))
-    times = []
-    for i in range(steps + warmup):
-        t0 = time.perf_counter()
+
+    def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+    return _time_steps(step, steps, warmup)
 
 
 def main() -> int:

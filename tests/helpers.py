@@ -18,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
+def subprocess_env() -> dict:
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -37,7 +37,7 @@ def run_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, launcher: str =
     else:
         cmd = ["mpirun", "-np", str(nproc), "--oversubscribe", "--allow-run-as-root",
                sys.executable, "-m", "megatron_seed.pretrain", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import ROOT, _env, assert_losses_close, losses, run_pretrain
+from helpers import ROOT, subprocess_env, assert_losses_close, losses, run_pretrain
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -19,7 +19,7 @@ def test_demo_trains_on_the_standard_library(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "megatron_seed.demo", "--out", str(out), "--max-files", "60",
                            "train.steps=20", "train.tensorboard=false"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "standard-library files" in proc.stderr
     assert (out / "data" / "stdlib_text_document.bin").stat().st_size > 100_000

@@ -56,9 +56,8 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 123
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
     )
-    torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # on CPU the tracker set-up above reseeds the default generator
     world = torch.distributed.get_world_size()
     return ParallelContext(
         rank=torch.distributed.get_rank(), world_size=world, local_rank=env.local_rank,

@@ -276,8 +276,6 @@ def _rewrite(rw: SourceRewrite, torch_shim: types.ModuleType) -> None:
                 "the CPU patch list in megatron_seed/platform/megatron_cpu.py must be updated"
             )
         source = source.replace(old, new)
-    if not rw.replacements:
-        return
     module = sys.modules[rw.module]
     namespace = dict(module.__dict__)
     namespace["torch"] = torch_shim

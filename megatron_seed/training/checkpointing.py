@@ -142,7 +142,6 @@ class Checkpointer:
     def __init__(self, ctx, save_dir: Optional[str], async_save: bool = False):
         self.ctx, self.save_dir, self.async_save = ctx, save_dir, async_save
         self._queue = None
-        self._pending = None
 
     # ---------------------------------------------------------------- save
     def save(self, chunks, optimizer, scheduler, state: TrainState) -> str:
@@ -166,7 +165,6 @@ class Checkpointer:
             if self._queue is None:
                 self._queue = AsyncCallsQueue()
             self._queue.schedule_async_request(request)
-            self._pending = final
         else:
             dist_checkpointing.save(sd, partial)
             torch.distributed.barrier()
@@ -190,7 +188,7 @@ class Checkpointer:
 
     def close(self) -> None:
         if self._queue is not None:
-            self._queue.maybe_finalize_async_calls(blocking=True)
+            self.finalize(blocking=True)
             self._queue.close()
             self._queue = None
 
