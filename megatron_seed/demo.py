@@ -1,50 +1,27 @@
-"""The CPU demo: this machine's Python standard library -> .bin/.idx -> a tiny pretraining run.
+"""The CPU demo: the whole pipeline that exists, on this machine's Python standard library.
 
-    python -m megatron_seed.demo [--out runs/demo] [--max-files N] [key.sub=value ...]
+    python -m megatron_seed.demo [--out runs/demo] [--max-files N] [--vocab-size V] [key.sub=value ...]
 
-Reads the standard library's own ``.py`` files (a real code corpus present on every machine),
-tokenizes them with the byte tokenizer into a Megatron indexed dataset, and pretrains the
-``tiny`` preset on it, printing loss, throughput and the run directory.
+1. corpus     the standard library's own ``.py`` files -> ``data/stdlib.jsonl`` (a real code corpus
+              present on every machine);
+2. tokenizer  a byte-level BPE with Seed-Coder's special and FIM tokens (``tools/train_tokenizer.py``);
+3. preprocess jsonl -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5
+              (``tools/preprocess_data.py``);
+4. pretrain   the ``tiny`` preset on it (``python -m megatron_seed.pretrain``), with evaluation
+              and a checkpoint.
+
+Each stage prints what it did; the run directory holds everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import sysconfig
 from pathlib import Path
 
 
-def stdlib_files(limit: int):
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
-    return files[:limit] if limit else files
-
-
-def build_corpus(prefix: str, limit: int) -> tuple[int, int, int]:
-    """Returns (files read, documents written, files skipped as unreadable/non-UTF-8)."""
-    from megatron_seed.data.indexed import write_documents
-    from megatron_seed.data.tokenizer import ByteTokenizer
-
-    tok = ByteTokenizer()
-    files = stdlib_files(limit)
-    skipped = 0
-
-    def documents():
-        nonlocal skipped
-        for path in files:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                skipped += 1
-                continue
-            if text.strip():
-                yield tok.encode(text)
-            else:
-                skipped += 1
-
-    written = write_documents(prefix, documents(), tok.vocab_size, tok.eod)
-    return len(files), written, skipped
+def log(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -52,18 +29,39 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--max-files", type=int, default=400, help="standard-library files to use (0 = all)")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer (and model) vocabulary")
+    parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
+    parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    prefix = str(out / "data" / "stdlib_text_document")
-    n_in, n_out, n_skip = build_corpus(prefix, args.max_files)
-    print(f"[demo] corpus: {n_in} standard-library files -> {n_out} documents ({n_skip} skipped) "
-          f"-> {prefix}.bin/.idx", file=sys.stderr)
+    data = out / "data"
+
+    from megatron_seed.data import preprocess, stdlib_corpus, tokenizer_training
+
+    jsonl = data / "stdlib.jsonl"
+    n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files)
+    log(f"1/4 corpus: {n_files} standard-library files -> {n_records} records -> {jsonl}")
+
+    tokenizer_dir = out / "tokenizer"
+    tokenizer_training.train_bpe(tokenizer_training.iter_texts([str(jsonl)]), args.vocab_size, str(tokenizer_dir))
+    log(f"2/4 tokenizer: byte-level BPE, vocab {args.vocab_size} -> {tokenizer_dir}")
+
+    prefix = data / "stdlib"
+    code = preprocess.main(["--input", str(jsonl), "--output-prefix", str(prefix), "--json-keys", "text",
+                            "--tokenizer-model", str(tokenizer_dir), "--append-eod", "--fim-rate", "0.5",
+                            "--workers", str(args.workers), "--log-interval", "0"])
+    if code:
+        return code
+    dataset = preprocess.output_prefix(str(prefix), "text")
+    log(f"3/4 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
+
+    log("4/4 pretrain: tiny preset")
     from megatron_seed.pretrain import main as pretrain
 
     return pretrain([
-        "--preset", "tiny", f"data.blend=[{prefix}]", "data.mock=false", "data.seq_length=256",
-        f"data.cache_dir={out / 'data' / 'cache'}", "data.split=95,5,0",
+        "--preset", "tiny", f"model.vocab_size={args.vocab_size}", f"data.tokenizer={tokenizer_dir}",
+        f"data.blend=[{dataset}]", "data.mock=false", "data.seq_length=256",
+        f"data.cache_dir={data / 'cache'}", "data.split=95,5,0",
         "train.steps=30", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.log_interval=5", "train.eval_interval=15", "train.eval_steps=1",
         "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=3",
