@@ -78,3 +78,23 @@ def shutdown() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+class single_process:
+    """``with single_process() as ctx:`` a one-process group (TP = PP = DP = 1) for tools that use
+    megatron-core outside a launcher (conversion, generation); torn down on exit unless one
+    already existed."""
+
+    def __init__(self, seed: int = 1234):
+        self.seed = seed
+        self._owned = False
+
+    def __enter__(self) -> ParallelContext:
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
+            raise RuntimeError("single_process() inside a multi-process job: run this tool with one process")
+        self._owned = not torch.distributed.is_initialized()
+        return initialize(seed=self.seed)
+
+    def __exit__(self, *exc) -> None:
+        if self._owned:
+            shutdown()

@@ -48,8 +48,15 @@ def detect(environ=None) -> LaunchEnv:
             addr = env.get("MASTER_ADDR") or (_mpi_root_host() if name in ("openmpi", "mvapich", "mpich") else None)
             return LaunchEnv(name, rank, size, local, addr or "127.0.0.1",
                              int(env.get("MASTER_PORT", DEFAULT_PORT)))
+    # One process on its own: any free port, so concurrent jobs on a machine never collide.
     return LaunchEnv("single", 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
-                     int(env.get("MASTER_PORT", DEFAULT_PORT)))
+                     int(env.get("MASTER_PORT") or _free_port()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _mpich_local(env, rank: int) -> int:
