@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML/JSON run config (may name a `preset:`)")
     parser.add_argument("--preset", help="named preset (tiny, llama_100m, smollm2_135m, seed_coder_8b)")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied last")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from megatron_seed.config import ConfigError, load_config
 

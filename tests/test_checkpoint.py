@@ -13,7 +13,7 @@ def test_resume_is_exact_single_process(tmp_path):
     full, part, resumed, ckpt = (tmp_path / n for n in ("full", "part", "resumed", "ckpt"))
     run_pretrain(full, *COMMON)
     run_pretrain(part, *COMMON, f"train.save={ckpt}", "train.save_interval=3")
-    assert sorted(os.listdir(ckpt)) == ["iter_0000003", "iter_0000006", "latest"]
+    assert sorted(os.listdir(ckpt)) == ["iter_0000003", "iter_0000006", "latest", "model_config.json", "tokenizer"]
     run_pretrain(resumed, *COMMON, f"train.load={ckpt}/iter_0000003")
     want = losses(full)
     assert_losses_close(losses(part), want, atol=0.0)
@@ -58,7 +58,7 @@ def test_async_save_publishes_and_resumes_exactly(tmp_path):
     full, resumed, ckpt = (tmp_path / n for n in ("full", "resumed", "ckpt"))
     opts = ("train.steps=4", "train.precision=fp32")
     run_pretrain(full, *opts, f"train.save={ckpt}", "train.save_interval=2", "train.async_save=true")
-    assert sorted(os.listdir(ckpt)) == ["iter_0000002", "iter_0000004", "latest"]
+    assert sorted(os.listdir(ckpt)) == ["iter_0000002", "iter_0000004", "latest", "model_config.json", "tokenizer"]
     run_pretrain(resumed, *opts, f"train.load={ckpt}/iter_0000002")
     want = losses(full)
     assert_losses_close(losses(resumed), {3: want[3], 4: want[4]}, atol=0.0)

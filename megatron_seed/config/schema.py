@@ -114,7 +114,7 @@ class OptimizerConfig:
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
 
     def validate(self) -> None:
-        _require(self.lr > 0, "optimizer.lr must be positive")
+        _require(self.lr >= 0, "optimizer.lr must be >= 0 (0 re-saves weights unchanged, e.g. to re-shard)")
         _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
         _require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
         _require(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")

@@ -6,7 +6,8 @@ import dataclasses
 import json
 import os
 
-from megatron_seed.config.schema import RunConfig
+from megatron_seed.config.schema import ConfigError, ModelConfig, RunConfig
+from megatron_seed.convert import checkpoint_io
 from megatron_seed.data.tokenizer import load_tokenizer
 from megatron_seed.models.gpt import build_model_chunks
 from megatron_seed.platform import distributed
@@ -27,9 +28,16 @@ def build_pretraining(run: RunConfig) -> Trainer:
     ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=run.train.seed)
     run.validate(ctx.world_size)
     logger = RunLogger(run.train.run_dir, ctx.is_main, run.train.steps, run.train.tensorboard)
+    if run.train.load:
+        check_checkpoint_model(run.train.load, run.model)
     if ctx.is_main:
         with open(os.path.join(run.train.run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(run), f, indent=2)
+        if run.train.save:
+            # Checkpoints carry the model config and tokenizer: conversion and generation read
+            # them from the checkpoint directory alone.
+            checkpoint_io.write_model_config(run.train.save, run.model)
+            checkpoint_io.copy_tokenizer_files(run.data.tokenizer or "byte", run.train.save)
         logger.info(f"megatron-seed pretrain: {run.name} | {run.model.num_parameters() / 1e6:.2f}M params | "
                     f"world {ctx.world_size} (tp {ctx.tp} pp {ctx.pp} dp {ctx.dp}"
                     f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}) | {ctx.device} | launcher {ctx.launcher}")
@@ -54,3 +62,21 @@ def build_pretraining(run: RunConfig) -> Trainer:
         logger.info(f"resumed from {t.load} at step {trainer.state.step}")
     torch.distributed.barrier()
     return trainer
+
+
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "vocab_size", "tie_embeddings")
+
+
+def check_checkpoint_model(load_dir: str, model: ModelConfig) -> None:
+    """A checkpoint whose model differs from the configured one fails here, with the fields to set,
+    instead of deep inside megatron-core's loader."""
+    root = next((d for d in (load_dir, os.path.dirname(os.path.abspath(load_dir)))
+                 if os.path.exists(os.path.join(d, checkpoint_io.MODEL_CONFIG))), None)
+    if root is None:
+        return
+    saved = checkpoint_io.read_model_config(root)
+    diffs = [f"model.{f}={getattr(saved, f)}" for f in _SHAPE_FIELDS if getattr(saved, f) != getattr(model, f)]
+    if diffs:
+        raise ConfigError(f"train.load={load_dir} holds a different model; set {' '.join(diffs)} "
+                          f"(or use the preset it was trained with)")
