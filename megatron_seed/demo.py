@@ -8,7 +8,9 @@
 3. preprocess jsonl -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5
               (``tools/preprocess_data.py``);
 4. pretrain   the ``tiny`` preset on it (``python -m megatron_seed.pretrain``), with evaluation
-              and a checkpoint.
+              and a checkpoint;
+5. export     the checkpoint to a Hugging Face Llama directory (``tools/convert_checkpoint.py
+              mcore-to-hf``) and generate from it with transformers.
 
 Each stage prints what it did; the run directory holds everything.
 """
@@ -40,11 +42,11 @@ def main(argv=None) -> int:
 
     jsonl = data / "stdlib.jsonl"
     n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files)
-    log(f"1/4 corpus: {n_files} standard-library files -> {n_records} records -> {jsonl}")
+    log(f"1/5 corpus: {n_files} standard-library files -> {n_records} records -> {jsonl}")
 
     tokenizer_dir = out / "tokenizer"
     tokenizer_training.train_bpe(tokenizer_training.iter_texts([str(jsonl)]), args.vocab_size, str(tokenizer_dir))
-    log(f"2/4 tokenizer: byte-level BPE, vocab {args.vocab_size} -> {tokenizer_dir}")
+    log(f"2/5 tokenizer: byte-level BPE, vocab {args.vocab_size} -> {tokenizer_dir}")
 
     prefix = data / "stdlib"
     code = preprocess.main(["--input", str(jsonl), "--output-prefix", str(prefix), "--json-keys", "text",
@@ -53,12 +55,12 @@ def main(argv=None) -> int:
     if code:
         return code
     dataset = preprocess.output_prefix(str(prefix), "text")
-    log(f"3/4 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
+    log(f"3/5 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
 
-    log("4/4 pretrain: tiny preset")
+    log("4/5 pretrain: tiny preset")
     from megatron_seed.pretrain import main as pretrain
 
-    return pretrain([
+    code = pretrain([
         "--preset", "tiny", f"model.vocab_size={args.vocab_size}", f"data.tokenizer={tokenizer_dir}",
         f"data.blend=[{dataset}]", "data.mock=false", "data.seq_length=256",
         f"data.cache_dir={data / 'cache'}", "data.split=95,5,0",
@@ -67,6 +69,29 @@ def main(argv=None) -> int:
         "optimizer.lr=3e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=3",
         f"train.run_dir={out}", f"train.save={out / 'checkpoints'}", *args.overrides,
     ])
+    if code:
+        return code
+    return export_and_generate(out / "checkpoints", out / "hf")
+
+
+def export_and_generate(checkpoints: Path, hf_dir: Path, prompt: str = "def main(argv=None):\n") -> int:
+    from megatron_seed.convert.hf_checkpoint import mcore_to_hf
+
+    mcore_to_hf(str(checkpoints), str(hf_dir))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    log(f"5/5 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"params); greedy continuation of {prompt!r}:")
+    print(prompt + text, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

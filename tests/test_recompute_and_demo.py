@@ -27,3 +27,9 @@ def test_demo_trains_on_the_standard_library(tmp_path):
     assert got[20] < got[5] - 0.5  # real code is learnable: the byte-level loss falls fast
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
     assert "validation loss" in proc.stderr
+    # Pipeline stages that ran: tokenizer training, FIM preprocessing with counts, HF export.
+    summary = json.loads((out / "data" / "stdlib_summary.json").read_text())
+    assert summary["records_in"] == summary["written"] + sum(summary["skipped"].values()) >= 59
+    assert (out / "tokenizer" / "tokenizer.json").exists()
+    assert "5/5 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
+    assert proc.stdout.startswith("def main(argv=None):")
