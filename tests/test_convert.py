@@ -144,3 +144,19 @@ def test_unsupported_models_and_bad_layouts_fail_with_reasons(tmp_path):
     assert proc.returncode == 1 and "--tp 3 must divide" in proc.stderr
     proc = convert({**config, "intermediate_size": 100})
     assert proc.returncode == 1 and "shape mismatch" in proc.stderr and "linear_fc1" in proc.stderr
+
+
+def test_export_in_bf16_shards_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_hf(tmp_path / "hf", 4, 2, 64, False, layers=3)
+    hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "ours"), torch.float32)
+    mcore_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"), torch.bfloat16, max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not list((tmp_path / "back").glob("*.partial"))
+    original = safetensors(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"))
+    assert model.dtype == torch.bfloat16
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v.to(torch.bfloat16)) for k, v in original.items())

@@ -131,8 +131,9 @@ class CheckpointReader:
     def has(self, key: str) -> bool:
         return key in self._meta
 
-    def read(self, requests: list[tuple[str, Optional[int]]]) -> list[torch.Tensor]:
-        """Tensors for (key, layer) pairs (layer None: the whole tensor), in one read."""
+    def read(self, requests: list[tuple[str, Optional[int]]], meta: bool = False) -> list[torch.Tensor]:
+        """Tensors for (key, layer) pairs (layer None: the whole tensor), in one read; with ``meta``
+        only their shapes and dtypes (meta tensors, nothing read)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
 
@@ -146,24 +147,27 @@ class CheckpointReader:
             else:
                 offsets, sizes = (layer,) + (0,) * (len(size) - 1), (1,) + size[1:]
             chunks[key] = (offsets, sizes)
-            out[key] = torch.empty(sizes, dtype=dtype)
+            out[key] = torch.empty(sizes, dtype=dtype, device="meta" if meta else "cpu")
+        if meta:
+            return [out[key][0] if layer is not None else out[key] for key, layer in requests]
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(out, storage_reader=FileSystemReader(self.path), planner=_ChunkLoadPlanner(chunks), no_dist=True)
         return [out[key][0] if layer is not None else out[key] for key, layer in requests]
 
-    def iter_hf_tensors(self, to_hf: Callable) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, tensor) for the whole model: globals first, then layer by layer."""
+    def iter_hf_tensors(self, to_hf: Callable, meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for the whole model: globals first, then layer by layer. With ``meta``
+        the same sequence as meta tensors (the layout of an export, before reading anything)."""
         from megatron_seed.convert.hf_llama import hf_names
 
         for mapping in (m for m in KEY_MAP if not m.per_layer):
             if mapping.ours == "output_layer.weight" and self.model.tie_embeddings:
                 continue
-            (tensor,) = self.read([(mapping.ours, None)])
+            (tensor,) = self.read([(mapping.ours, None)], meta)
             yield from zip(hf_names(mapping, None), to_hf(mapping, tensor, self.model))
         per_layer = [m for m in KEY_MAP if m.per_layer]
         for layer in range(self.model.num_layers):
-            tensors = self.read([(m.ours, layer) for m in per_layer])
+            tensors = self.read([(m.ours, layer) for m in per_layer], meta)
             for mapping, tensor in zip(per_layer, tensors):
                 yield from zip(hf_names(mapping, layer), to_hf(mapping, tensor, self.model))
 

@@ -10,8 +10,9 @@ any TP/PP; ``--tp``/``--pp`` check that the model can be split that way. Peak me
 model once in the target dtype plus one source tensor. ``train.load=DIR`` then continues
 pretraining from it (model only; the optimizer starts fresh).
 
-mcore-to-hf reads our checkpoint (saved at any TP/PP) layer by layer and writes safetensors
-shards as it goes (peak: about one layer plus the embeddings), with ``config.json``,
+mcore-to-hf reads our checkpoint (saved at any TP/PP) layer by layer and streams each layer into
+safetensors files whose headers are computed from metadata first (peak: about one layer plus
+the embeddings), with ``config.json``,
 ``generation_config.json`` and the tokenizer files. It loads with
 ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)``.
 """
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import time
 from typing import Optional
@@ -115,46 +118,64 @@ def hf_to_mcore(input_dir: str, output_dir: str, dtype: torch.dtype, tp: int = 1
 
 def mcore_to_hf(input_dir: str, output_dir: str, dtype: Optional[torch.dtype] = None,
                 max_shard_bytes: int = 2 << 30) -> str:
-    from safetensors.torch import save_file
-
     t0 = time.time()
     os.makedirs(output_dir, exist_ok=True)
-    shards: list[tuple[str, list[str]]] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = 0
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            name = f"shard-{len(shards):05d}.tmp.safetensors"
-            save_file(pending, os.path.join(output_dir, name), metadata={"format": "pt"})
-            shards.append((name, list(pending)))
-            pending, pending_bytes = {}, 0
-
     reader = checkpoint_io.CheckpointReader(input_dir)
     model = reader.model
-    for name, tensor in reader.iter_hf_tensors(to_hf):
-        tensor = tensor.to(dtype or tensor.dtype).contiguous()
-        dtype = dtype or tensor.dtype
-        pending[name] = tensor
-        pending_bytes += tensor.numel() * tensor.element_size()
-        if pending_bytes >= max_shard_bytes:
-            flush()
-    flush()
-    total = len(shards)
-    weight_map = {}
-    for i, (tmp, names) in enumerate(shards):
-        final = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        os.replace(os.path.join(output_dir, tmp), os.path.join(output_dir, final))
-        weight_map.update({n: final for n in names})
-    if total > 1:
-        size = sum(os.path.getsize(os.path.join(output_dir, f)) for f in set(weight_map.values()))
+    # The export's layout (names, shapes, dtypes, shard boundaries) comes from metadata alone, so
+    # each safetensors file is written front to back while layers are read one at a time.
+    layout = [(name, tuple(t.shape), dtype or t.dtype) for name, t in reader.iter_hf_tensors(to_hf, meta=True)]
+    dtype = layout[0][2]
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for entry in layout:
+        nbytes = math.prod(entry[1]) * entry[2].itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    tensors = reader.iter_hf_tensors(to_hf)
+    for name, shard in zip(names, shards):
+        write_safetensors_streaming(os.path.join(output_dir, name), shard, tensors)
+    if len(shards) > 1:
+        weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
+        total = sum(os.path.getsize(os.path.join(output_dir, n)) for n in names)
         with open(os.path.join(output_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     _write_hf_files(input_dir, output_dir, model, dtype)
-    log(f"wrote {output_dir} ({total} safetensors file(s), {str(dtype).replace('torch.', '')}) from "
+    log(f"wrote {output_dir} ({len(shards)} safetensors file(s), {str(dtype).replace('torch.', '')}) from "
         f"{reader.path} in {time.time() - t0:.1f} s")
     return output_dir
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors_streaming(path: str, entries: list[tuple], tensors) -> None:
+    """A safetensors file whose header is known up front (``entries``: name, shape, dtype), filled
+    by consuming ``tensors`` ((name, tensor) in the same order) one at a time. Written to a
+    temporary name and renamed, so a partial file never carries the final name."""
+    header, offset = {}, 0
+    for name, shape, dtype in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in entries:
+            got, tensor = next(tensors)
+            if got != name or tuple(tensor.shape) != shape:
+                raise ConversionError(f"export order broke at {name}: got {got} {tuple(tensor.shape)}")
+            f.write(tensor.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
 
 
 def _write_hf_files(input_dir: str, output_dir: str, model, dtype: torch.dtype) -> None:
