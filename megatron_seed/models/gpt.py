@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_seed.config.schema import ModelConfig, ParallelConfig, TrainConfig
+from megatron_seed.models.fp8 import Fp8Recipe, enable_fp8_emulation, transformer_config_kwargs
 
 
 def transformer_engine_available() -> bool:
@@ -52,13 +53,12 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
 
     bf16 = train.precision == "bf16"
     impl = resolve_impl(model)
-    if train.fp8 and impl != "transformer_engine":
-        raise RuntimeError("train.fp8 needs Transformer Engine on a GPU; on CPU FP8 numerics are "
-                           "available by emulation in megatron_seed.models.fp8 only")
     recompute = {} if train.recompute == "none" else (
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if train.recompute == "full" else dict(recompute_granularity="selective"))
-    fp8 = dict(fp8=train.fp8, fp8_recipe="delayed") if train.fp8 else {}
+    # FP8 in the config only for Transformer Engine; local layers get the emulation from
+    # build_model_chunks (megatron_seed.models.fp8).
+    fp8 = transformer_config_kwargs(Fp8Recipe(format=train.fp8)) if train.fp8 and impl == "transformer_engine" else {}
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -166,4 +166,6 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: Trai
     from megatron_seed.models.init import init_parameters
 
     init_parameters(chunks, seed, model.init_std, model.num_layers)
+    if train.fp8 and resolve_impl(model) != "transformer_engine":
+        enable_fp8_emulation(chunks, Fp8Recipe(format=train.fp8))
     return chunks
