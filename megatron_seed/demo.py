@@ -10,7 +10,11 @@
 4. pretrain   the ``tiny`` preset on it (``python -m megatron_seed.pretrain``), with evaluation
               and a checkpoint;
 5. export     the checkpoint to a Hugging Face Llama directory (``tools/convert_checkpoint.py
-              mcore-to-hf``) and generate from it with transformers.
+              mcore-to-hf``) and generate from it with transformers;
+6. evaluate   completions of HumanEval problems generated from the checkpoint
+              (``megatron_seed.inference``), run in the sandbox, scored as pass@1
+              (``python -m megatron_seed.evaluate.code``). A 30-step tiny model scores 0: the
+              point is the path, not the number.
 
 Each stage prints what it did; the run directory holds everything.
 """
@@ -33,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-files", type=int, default=400, help="standard-library files to use (0 = all)")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer (and model) vocabulary")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
+    parser.add_argument("--humaneval-problems", type=int, default=16, help="HumanEval problems to evaluate on")
     parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -42,11 +47,11 @@ def main(argv=None) -> int:
 
     jsonl = data / "stdlib.jsonl"
     n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files)
-    log(f"1/5 corpus: {n_files} standard-library files -> {n_records} records -> {jsonl}")
+    log(f"1/6 corpus: {n_files} standard-library files -> {n_records} records -> {jsonl}")
 
     tokenizer_dir = out / "tokenizer"
     tokenizer_training.train_bpe(tokenizer_training.iter_texts([str(jsonl)]), args.vocab_size, str(tokenizer_dir))
-    log(f"2/5 tokenizer: byte-level BPE, vocab {args.vocab_size} -> {tokenizer_dir}")
+    log(f"2/6 tokenizer: byte-level BPE, vocab {args.vocab_size} -> {tokenizer_dir}")
 
     prefix = data / "stdlib"
     code = preprocess.main(["--input", str(jsonl), "--output-prefix", str(prefix), "--json-keys", "text",
@@ -55,9 +60,9 @@ def main(argv=None) -> int:
     if code:
         return code
     dataset = preprocess.output_prefix(str(prefix), "text")
-    log(f"3/5 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
+    log(f"3/6 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
 
-    log("4/5 pretrain: tiny preset")
+    log("4/6 pretrain: tiny preset")
     from megatron_seed.pretrain import main as pretrain
 
     code = pretrain([
@@ -71,7 +76,36 @@ def main(argv=None) -> int:
     ])
     if code:
         return code
-    return export_and_generate(out / "checkpoints", out / "hf")
+    code = export_and_generate(out / "checkpoints", out / "hf")
+    if code:
+        return code
+    return evaluate_on_humaneval(out / "checkpoints", out / "humaneval_samples.jsonl", args.humaneval_problems)
+
+
+def evaluate_on_humaneval(checkpoints: Path, samples_path: Path, n_problems: int) -> int:
+    import json
+
+    from megatron_seed.convert.checkpoint_io import tokenizer_spec
+    from megatron_seed.data.tokenizer import load_tokenizer
+    from megatron_seed.evaluate.code import evaluate, load_problems
+    from megatron_seed.inference.engine import InferenceModel, generate
+    from megatron_seed.sandbox import Sandbox
+
+    problems = dict(list(load_problems("humaneval").items())[:n_problems])
+    tokenizer = load_tokenizer(tokenizer_spec(str(checkpoints)))
+    model = InferenceModel.from_checkpoint(str(checkpoints))
+    prompts = [tokenizer.encode(p["prompt"]) for p in problems.values()]
+    outputs = generate(model, prompts, 64, greedy=True, eos_id=tokenizer.eos, pad_id=tokenizer.pad)
+    samples = [{"task_id": t, "completion": tokenizer.decode([i for i in o if i != tokenizer.eos])}
+               for t, o in zip(problems, outputs)]
+    with open(samples_path, "w") as f:
+        for sample in samples:
+            f.write(json.dumps(sample) + "\n")
+    with Sandbox(max_workers=2) as box:
+        summary, _ = evaluate(problems, samples, [1], box, progress=False)
+    log(f"6/6 evaluate: {len(samples)} HumanEval completions ({samples_path}) run in the sandbox: "
+        f"pass@1 {summary['pass@1']:.3f}, outcomes {summary['statuses']}")
+    return 0
 
 
 def export_and_generate(checkpoints: Path, hf_dir: Path, prompt: str = "def main(argv=None):\n") -> int:
@@ -88,7 +122,7 @@ def export_and_generate(checkpoints: Path, hf_dir: Path, prompt: str = "def main
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    log(f"5/5 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    log(f"5/6 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"params); greedy continuation of {prompt!r}:")
     print(prompt + text, flush=True)
     return 0

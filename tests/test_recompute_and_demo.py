@@ -33,3 +33,6 @@ def test_demo_trains_on_the_standard_library(tmp_path):
     assert (out / "tokenizer" / "tokenizer.json").exists()
     assert "5/5 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
     assert proc.stdout.startswith("def main(argv=None):")
+    assert "6/6 evaluate" in proc.stderr and "pass@1" in proc.stderr
+    samples = [json.loads(line) for line in (out / "humaneval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and all(isinstance(s["completion"], str) for s in samples)

