@@ -31,7 +31,7 @@ def test_demo_trains_on_the_standard_library(tmp_path):
     summary = json.loads((out / "data" / "stdlib_summary.json").read_text())
     assert summary["records_in"] == summary["written"] + sum(summary["skipped"].values()) >= 59
     assert (out / "tokenizer" / "tokenizer.json").exists()
-    assert "5/5 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
+    assert "5/6 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
     assert proc.stdout.startswith("def main(argv=None):")
     assert "6/6 evaluate" in proc.stderr and "pass@1" in proc.stderr
     samples = [json.loads(line) for line in (out / "humaneval_samples.jsonl").read_text().splitlines()]
