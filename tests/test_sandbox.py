@@ -82,6 +82,9 @@ def test_stdin_exit_codes_and_results(box):
     assert (r.status, r.stdout, r.exit_code) == ("passed", "HELLO\n", 0)
     r = box.run("import sys; sys.exit(3)")
     assert (r.status, r.exit_code) == ("failed", 3)
+    big = "x" * (1 << 20) + "\n"  # larger than a pipe: fed as the program reads
+    r = box.run("import sys; print(len(sys.stdin.read()))", stdin=big)
+    assert (r.status, r.stdout) == ("passed", f"{len(big)}\n")
     r = box.run("def f(x):\n    return x * 2\n", test_code="assert f(2) == 4\nassert f(3) == 5\n")
     assert r.status == "failed" and "AssertionError" in r.stderr
 

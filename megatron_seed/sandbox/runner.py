@@ -109,7 +109,8 @@ class Sandbox:
         try:
             return self._run(lang, code, stdin, test_code, limits, uid, workdir)
         finally:
-            _kill_uid(uid) if os.geteuid() == 0 else None
+            if os.geteuid() == 0:  # safety net behind the reaper: nothing of this uid may survive
+                _kill_uid(uid)
             shutil.rmtree(workdir, ignore_errors=True)
             self._uids.put(uid)
 
@@ -258,16 +259,16 @@ def _communicate(stdin_fd: int, out_fd: int, err_fd: int, stdin: bytes, limits: 
     then collect the exit. ``reap(deadline)`` returns (wait status, cpu seconds) or (None, None)
     if the program still runs at the deadline (None: wait as long as it takes).
     Returns (stdout, stderr, truncated, reason, status, cpu); reason is "", "timeout" or "output_limit"."""
-    try:
-        os.set_blocking(stdin_fd, False)
-        os.write(stdin_fd, stdin)  # small inputs fit the pipe; larger ones are cut at its size
-    except (BrokenPipeError, BlockingIOError):
-        pass
-    os.close(stdin_fd)
     sel = selectors.DefaultSelector()
     buffers = {out_fd: bytearray(), err_fd: bytearray()}
     for fd in buffers:
         sel.register(fd, selectors.EVENT_READ)
+    pending_in = memoryview(stdin)
+    if pending_in:
+        os.set_blocking(stdin_fd, False)
+        sel.register(stdin_fd, selectors.EVENT_WRITE)
+    else:
+        os.close(stdin_fd)
     total, truncated, reason = 0, False, ""
     deadline = time.monotonic() + limits.wall_seconds
     while sel.get_map() and not reason:
@@ -276,6 +277,18 @@ def _communicate(stdin_fd: int, out_fd: int, err_fd: int, stdin: bytes, limits: 
             reason = "timeout"
             break
         for key, _ in sel.select(timeout=min(remaining, 0.5)):
+            if key.fd == stdin_fd:  # feed stdin as the program reads it; EOF once all is written
+                try:
+                    written = os.write(stdin_fd, pending_in[:65536])
+                except BlockingIOError:
+                    written = 0
+                except BrokenPipeError:  # the program closed its stdin: the rest is not wanted
+                    written = len(pending_in)
+                pending_in = pending_in[written:]
+                if not pending_in:
+                    sel.unregister(stdin_fd)
+                    os.close(stdin_fd)
+                continue
             chunk = os.read(key.fd, 65536)
             if not chunk:
                 sel.unregister(key.fd)
@@ -289,6 +302,9 @@ def _communicate(stdin_fd: int, out_fd: int, err_fd: int, stdin: bytes, limits: 
             if total > limits.kill_output_bytes:
                 reason = "output_limit"
                 break
+    if stdin_fd in sel.get_map():
+        sel.unregister(stdin_fd)
+        os.close(stdin_fd)
     sel.close()
     if reason:
         _stop(pid)
