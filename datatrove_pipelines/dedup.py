@@ -26,6 +26,7 @@ from collections import defaultdict
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+from datatrove.utils.word_tokenizers import WordTokenizer
 
 CODE_WORDS = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|[^\sA-Za-z_0-9]")
 
@@ -105,8 +106,8 @@ class ExactDedupFilter(PipelineStep):
             yield doc
 
 
-class CodeWordTokenizer:
-    """datatrove's word-tokenizer interface over code: identifiers, numbers, punctuation."""
+class CodeWordTokenizer(WordTokenizer):
+    """A datatrove word tokenizer for code: identifiers, numbers, punctuation."""
 
     def word_tokenize(self, text: str, *args, **kwargs) -> list[str]:
         return CODE_WORDS.findall(text)
@@ -119,9 +120,9 @@ class CodeWordTokenizer:
 
 
 class CodeMinhashSignature(MinhashDedupSignature):
-    """datatrove's MinHash signature stage with :class:`CodeWordTokenizer` (its default needs a
-    natural-language tokenizer and splits code poorly)."""
+    """datatrove's MinHash signature stage with :class:`CodeWordTokenizer` (its default is an
+    English tokenizer that needs spaCy and splits code poorly)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.word_tokenizer = CodeWordTokenizer()
+    def __init__(self, output_folder, config=None, **kwargs):
+        kwargs.setdefault("language", CodeWordTokenizer())
+        super().__init__(output_folder, config=config, **kwargs)
