@@ -1,0 +1,290 @@
+"""Model-centric curation of code, end to end, as datatrove pipelines.
+
+    python -m datatrove_pipelines.curate --input DIR_OR_GLOB --output DIR [--tasks N] [--workers N]
+        [--oracle URL|HF_DIR|smollm2] [--oracle-sample 200] [--scorer HF_DIR] [--scorer-base HF_DIR]
+        [--drop-fraction 0.1] [--executor local|slurm|ray] [--max-files N] [--no-near-dedup]
+        [--tokenizer DIR] [--fim-rate 0.5]
+
+Stages (each a datatrove executor with its own logging dir under OUTPUT/logs; a rerun skips the
+tasks that completed, so an interrupted job resumes):
+
+1. ``filter``        read (directory tree: one document per file; or jsonl/parquet) -> file filters
+                     -> 10-gram decontamination against HumanEval -> OUTPUT/stages/1_filtered
+2. ``exact``         SHA256 file + repository dedup (signature, then filter) -> 2_exact
+3. ``near``          MinHash near dedup (datatrove's 4 stages, code tokenizer) -> 3_dedup
+4. ``oracle``        an LLM rates a deterministic sample with the paper's prompt -> labels.jsonl
+5. ``scorer``        a Llama + regression head trained on the labels (unless --scorer is given)
+6. ``score``         every file scored (metadata quality_score, 0-10) -> 4_scored
+7. ``select``        the bottom --drop-fraction of each language dropped -> OUTPUT/kept (jsonl.gz)
+8. ``tokenize``      kept files -> Megatron .bin/.idx with SPM FIM (tools/preprocess_data.py)
+
+``OUTPUT/stats.json`` reconciles documents: files read = kept + dropped per stage and reason;
+``OUTPUT/score_histogram.png`` shows the score distribution and the cut.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+STAGES = ("filter", "exact_signature", "exact_filter", "near_signature", "near_buckets", "near_cluster",
+          "near_filter", "oracle", "score", "select")
+
+
+def log(message: str) -> None:
+    print(f"[curate] {message}", file=sys.stderr, flush=True)
+
+
+def reader_for(spec: str, max_files: int = -1):
+    """A datatrove reader for a directory tree of repositories, or jsonl / parquet files."""
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+
+    from datatrove_pipelines.readers import CodeTreeReader
+
+    if os.path.isdir(spec) and not glob.glob(os.path.join(spec, "*.jsonl*")) \
+            and not glob.glob(os.path.join(spec, "*.parquet")):
+        return CodeTreeReader(spec, limit=max_files)
+    folder, pattern = (spec, None) if os.path.isdir(spec) else (os.path.dirname(spec) or ".", os.path.basename(spec))
+    adapter = _record_adapter
+    if (pattern or "").endswith(".parquet") or glob.glob(os.path.join(folder, "*.parquet")):
+        return ParquetReader(folder, glob_pattern=pattern, adapter=adapter, limit=max_files)
+    return JsonlReader(folder, glob_pattern=pattern, adapter=adapter, limit=max_files)
+
+
+def _record_adapter(self, data: dict, path: str, id_in_file: int | str) -> dict:
+    """jsonl/parquet records -> Documents with the metadata the code steps use."""
+    from datatrove_pipelines.languages import language_of
+
+    file_path = data.get("path") or data.get("max_stars_repo_path") or ""
+    metadata = {k: v for k, v in data.items() if k not in ("text", "content", "id")}
+    metadata.setdefault("repo", data.get("repo") or data.get("max_stars_repo_name") or os.path.basename(path))
+    metadata.setdefault("path", file_path)
+    metadata.setdefault("language", data.get("language") or language_of(file_path) or "unknown")
+    return {"text": data.get("text", data.get("content", "")), "id": str(data.get("id", f"{path}/{id_in_file}")),
+            "metadata": metadata}
+
+
+def make_executor(kind: str, pipeline, tasks: int, workers: int, logging_dir: str, depends=None, **slurm):
+    if kind == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
+                                     logging_dir=logging_dir, depends=depends)
+    if kind == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        return SlurmPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                                     depends=depends, job_name=os.path.basename(logging_dir),
+                                     partition=slurm.get("partition"), time=slurm.get("time", "24:00:00"))
+    if kind == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=logging_dir,
+                                   depends=depends)
+    raise ValueError(f"--executor must be local, slurm or ray, not {kind!r}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                                  MinhashDedupFilter)
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from datatrove_pipelines.decontamination import BenchmarkDecontaminator
+    from datatrove_pipelines.dedup import CodeMinhashSignature, ExactDedupFilter, ExactDedupSignature
+    from datatrove_pipelines.filters import CodeFileFilter
+    from datatrove_pipelines.oracle import OracleLabeler
+    from datatrove_pipelines.scorer import PercentileFilter, QualityScorer
+
+    out = os.path.abspath(args.output)
+    stage_dir = lambda name: os.path.join(out, "stages", name)  # noqa: E731
+    logs = lambda name: os.path.join(out, "logs", name)  # noqa: E731
+    n, w, ex = args.tasks, args.workers, args.executor
+    t0 = time.time()
+
+    def execute(name, pipeline, tasks=n):
+        log(f"stage {name} ({tasks} task(s))")
+        make_executor(ex, pipeline, tasks, w, logs(name)).run()
+
+    execute("filter", [reader_for(args.input, args.max_files), CodeFileFilter(), BenchmarkDecontaminator(),
+                       JsonlWriter(stage_dir("1_filtered"))])
+    execute("exact_signature", [JsonlReader(stage_dir("1_filtered")), ExactDedupSignature(os.path.join(out, "exact"))])
+    execute("exact_filter", [JsonlReader(stage_dir("1_filtered")), ExactDedupFilter(os.path.join(out, "exact")),
+                             JsonlWriter(stage_dir("2_exact"))])
+    deduped = stage_dir("2_exact")
+    if args.near_dedup:
+        config = MinhashConfig()
+        minhash = os.path.join(out, "minhash")
+        execute("near_signature", [JsonlReader(deduped), CodeMinhashSignature(os.path.join(minhash, "signatures"),
+                                                                                 config=config)])
+        execute("near_buckets", [MinhashDedupBuckets(os.path.join(minhash, "signatures"),
+                                                     os.path.join(minhash, "buckets"), config=config)],
+                tasks=config.num_buckets)
+        execute("near_cluster", [MinhashDedupCluster(os.path.join(minhash, "buckets"),
+                                                     os.path.join(minhash, "remove_ids"), config=config)], tasks=1)
+        execute("near_filter", [JsonlReader(deduped), MinhashDedupFilter(os.path.join(minhash, "remove_ids")),
+                                JsonlWriter(stage_dir("3_dedup"))])
+        deduped = stage_dir("3_dedup")
+    scorer_dir = args.scorer
+    if scorer_dir is None:
+        labels = os.path.join(out, "labels.jsonl")
+        execute("oracle", [JsonlReader(deduped), OracleLabeler(labels, args.oracle, args.oracle_sample, args.seed)],
+                tasks=1)
+        scorer_dir = os.path.join(out, "scorer")
+        if not os.path.exists(os.path.join(scorer_dir, "scorer_metrics.json")):
+            from datatrove_pipelines.oracle import make_oracle  # noqa: F401 - same cache as the oracle
+            from datatrove_pipelines.scorer import train_scorer
+
+            base = args.scorer_base or _default_base_model()
+            log(f"stage scorer: training a regression head on {base}")
+            train_scorer(labels, base, scorer_dir, epochs=args.scorer_epochs, max_tokens=args.max_tokens)
+    execute("score", [JsonlReader(deduped), QualityScorer(scorer_dir, os.path.join(out, "scores"),
+                                                          max_tokens=args.max_tokens),
+                      JsonlWriter(stage_dir("4_scored"))])
+    execute("select", [JsonlReader(stage_dir("4_scored")),
+                       PercentileFilter(os.path.join(out, "scores"), n, args.drop_fraction),
+                       JsonlWriter(os.path.join(out, "kept"))])
+    stats = write_stats(out, args)
+    if args.tokenize:
+        tokenize(out, args)
+    log(f"done in {time.time() - t0:.0f} s: {stats['documents_in']} files in, {stats['kept']} kept "
+        f"-> {os.path.join(out, 'kept')} (stats: {os.path.join(out, 'stats.json')})")
+    return stats
+
+
+def _default_base_model() -> str:
+    from datatrove_pipelines.oracle import make_oracle
+
+    cache = os.path.expanduser("~/.cache/megatron_seed/smollm2_hf")
+    if not os.path.exists(os.path.join(cache, "model.safetensors")):
+        make_oracle(None, cache_dir=cache)
+    return cache
+
+
+def _stage_stats(out: str, name: str) -> dict:
+    path = os.path.join(out, "logs", name, "stats.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        steps = json.load(f)
+    merged = {}
+    for step in steps:
+        for key, value in step.get("stats", {}).items():
+            merged[f"{step['name']}::{key}"] = value["total"] if isinstance(value, dict) else value
+    return merged
+
+
+def write_stats(out: str, args) -> dict:
+    """stats.json: files read = kept + dropped per stage and reason, from datatrove's own stats."""
+    stages = {name: _stage_stats(out, name) for name in STAGES}
+    reader = {k.split("::", 1)[1]: v for k, v in stages["filter"].items() if "READER" in k.split("::", 1)[0]}
+    documents_in = reader.get("files", reader.get("documents", 0))
+    # Vendored directories are skipped whole (counted per directory, their files never read).
+    dropped = {f"read/{k}": v for k, v in reader.items() if k.startswith("skipped_") and k != "skipped_vendored"}
+    for name, values in stages.items():
+        for key, value in values.items():
+            step, stat = key.split("::", 1)
+            if "READER" not in step and stat.startswith("dropped_"):
+                dropped[f"{name}/{stat}"] = dropped.get(f"{name}/{stat}", 0) + value
+            if name == "near_filter" and stat == "dropped":
+                dropped["near_filter/dropped_near_duplicate"] = dropped.get("near_filter/dropped_near_duplicate", 0) + value
+    kept = sum(v for k, v in stages["select"].items() if k.endswith("::forwarded") and "FILTER" in k)
+    stats = {"documents_in": documents_in, "kept": kept, "dropped": dropped, "dropped_total": sum(dropped.values()),
+             "reconciles": documents_in == kept + sum(dropped.values()),
+             "vendored_directories_skipped": reader.get("skipped_vendored", 0),
+             "drop_fraction": args.drop_fraction, "stages": stages}
+    with open(os.path.join(out, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    _histogram(out)
+    return stats
+
+
+def _histogram(out: str) -> Optional[str]:
+    scores = []
+    for path in glob.glob(os.path.join(out, "scores", "*.json")):
+        with open(path) as f:
+            for values in json.load(f).values():
+                scores += values
+    if not scores:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no score_histogram.png (pip install matplotlib)")
+        return None
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(scores, bins=40, color="#4472c4")
+    ax.axvline(float(np.quantile(scores, 0.1)), color="#c00000", linestyle="--", label="10th percentile")
+    ax.set_xlabel("quality score (0-10)")
+    ax.set_ylabel("files")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out, "score_histogram.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def tokenize(out: str, args) -> str:
+    from megatron_seed.data import preprocess, tokenizer_training
+
+    kept = sorted(glob.glob(os.path.join(out, "kept", "*.jsonl.gz")))
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = os.path.join(out, "tokenizer")
+        tokenizer_training.train_bpe(tokenizer_training.iter_texts(kept), args.vocab_size, tokenizer)
+    prefix = os.path.join(out, "tokens", "code")
+    code = preprocess.main(["--input", *kept, "--output-prefix", prefix, "--tokenizer-model", tokenizer,
+                            "--append-eod", "--fim-rate", str(args.fim_rate), "--workers", str(args.workers),
+                            "--log-interval", "0"])
+    if code:
+        raise RuntimeError("tokenization of the kept files failed")
+    log(f"stage tokenize: {preprocess.output_prefix(prefix, 'text')}.bin/.idx")
+    return preprocess.output_prefix(prefix, "text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m datatrove_pipelines.curate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="a directory of repositories, or jsonl/parquet files (dir or glob)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--executor", choices=("local", "slurm", "ray"), default="local")
+    p.add_argument("--max-files", type=int, default=-1, help="read at most this many files per task (sampling)")
+    p.add_argument("--no-near-dedup", dest="near_dedup", action="store_false")
+    p.add_argument("--oracle", default=None, help="OpenAI-compatible URL, a local HF chat model dir, or smollm2")
+    p.add_argument("--oracle-sample", type=int, default=200, help="files the oracle rates")
+    p.add_argument("--scorer", default=None, help="a trained scorer (HF dir); skips labelling and training")
+    p.add_argument("--scorer-base", default=None, help="HF Llama dir the scorer is trained from (default SmolLM2)")
+    p.add_argument("--scorer-epochs", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens of each file the scorer reads")
+    p.add_argument("--drop-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-tokenize", dest="tokenize", action="store_false")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for .bin/.idx (default: a BPE trained on the kept files)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--fim-rate", type=float, default=0.5)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 <= args.drop_fraction < 1:
+        raise SystemExit("--drop-fraction must be in [0, 1)")
+    stats = run(args)
+    return 0 if stats["reconciles"] else 1
+
+
+if __name__ == "__main__":  # required: datatrove's local executor re-imports this module in workers
+    sys.exit(main())

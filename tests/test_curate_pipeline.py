@@ -1,0 +1,137 @@
+"""The curation pipeline end to end (datatrove local executor, 2 tasks), the scorer, the oracles."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from curation_fixtures import GOOD, make_corpus, make_tiny_chat_model
+from helpers import ROOT, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat"), GOOD)
+
+
+def curate(corpus: Path, out: Path, model: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "datatrove_pipelines.curate", "--input", str(corpus), "--output",
+                           str(out), "--tasks", "2", "--workers", "2", "--oracle", str(model), "--oracle-sample", "20",
+                           "--scorer-base", str(model), "--max-tokens", "128", "--vocab-size", "400"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):
+    corpus = tmp_path / "corpus"
+    n_files = make_corpus(corpus)["files"]
+    proc = curate(corpus, tmp_path / "out", tiny_model)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "out"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["documents_in"] == n_files and stats["reconciles"]
+    assert stats["documents_in"] == stats["kept"] + sum(stats["dropped"].values())
+    dropped = stats["dropped"]
+    assert dropped["read/skipped_unknown_language"] == 2  # the PNGs
+    assert dropped["filter/dropped_contaminated"] == 2  # HumanEval/0's solution, in repo_a and its fork
+    assert dropped["filter/dropped_syntax_error"] == 2 and dropped["filter/dropped_auto_generated"] == 2
+    assert dropped["filter/dropped_data_dominated"] == 2
+    assert dropped["exact_filter/dropped_duplicate_repo"] == 6 and dropped["exact_filter/dropped_duplicate_file"] == 1
+    assert dropped["near_filter/dropped_near_duplicate"] == 1
+    assert dropped["select/dropped_low_quality"] >= 1
+    kept = []
+    for path in sorted((out / "kept").glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            kept += [json.loads(line) for line in f]
+    ids = {d["id"] for d in kept}
+    assert len(kept) == stats["kept"] > 0
+    assert not any(i.startswith("repo_fork/") for i in ids)
+    assert not ids & {"repo_a/broken.py", "repo_a/migrations.py", "repo_a/table.py", "repo_a/solution.py",
+                      "repo_b/copy.py", "repo_b/near.py"}
+    assert all(0 <= d["metadata"]["quality_score"] <= 10 for d in kept)
+    labels = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) >= 4 and all(0 <= r["rating"] <= 10 for r in labels)
+    assert json.loads((out / "scorer" / "scorer_metrics.json").read_text())["held_out"] >= 1
+    assert (out / "score_histogram.png").stat().st_size > 1000
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    assert len(IndexedDataset(str(out / "tokens" / "code_text_document"))) == len(kept)
+    # A rerun skips every completed task: the outputs are left as they are.
+    before = {p: p.stat().st_mtime for p in (out / "kept").glob("*.jsonl.gz")}
+    again = curate(corpus, out, tiny_model)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in (out / "kept").glob("*.jsonl.gz")} == before
+    assert again.stderr.count("all tasks") + again.stderr.lower().count("not doing anything") >= len(
+        [line for line in again.stderr.splitlines() if line.startswith("[curate] stage ") and "task(s)" in line])
+
+
+def test_scorer_learns_labels_better_than_the_mean(tmp_path, tiny_model):
+    import random
+
+    from datatrove_pipelines.scorer import score_texts, train_scorer
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(60):
+        if i % 2:
+            text, rating = f"def f{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"\n    return x + {i}\n", 8 + rng.random()
+        else:
+            text, rating = "DATA = [" + ", ".join(str(rng.randint(0, 999)) for _ in range(30)) + "]\n", 1 + rng.random()
+        rows.append({"text": text, "rating": rating})
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = train_scorer(str(tmp_path / "labels.jsonl"), str(tiny_model), str(tmp_path / "scorer"), epochs=3,
+                           lr=1e-3, batch_size=8, max_tokens=128)
+    assert metrics["held_out_mae"] < 0.5 * metrics["mean_predictor_mae"]
+    good, bad = score_texts(str(tmp_path / "scorer"), [rows[1]["text"], rows[0]["text"]])
+    assert good > bad
+
+
+class _FakeChatServer(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint double: answers in the styles real oracles use."""
+
+    replies = ["The code is clean.\nRating: [[8]]", "I cannot rate this.", "Rating: 6/10"]
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append(body)
+        reply = self.replies[(len(self.seen) - 1) % len(self.replies)]
+        payload = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_endpoint_oracle_labeler_counts_unparsable_replies(tmp_path):
+    from datatrove.data import Document
+
+    from datatrove_pipelines.oracle import OracleLabeler
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeChatServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        docs = [Document(text=t, id=f"d{i}", metadata={"language": "Python"}) for i, t in enumerate(GOOD[:3])]
+        step = OracleLabeler(str(tmp_path / "labels.jsonl"), f"http://127.0.0.1:{server.server_address[1]}",
+                             sample_size=3, model="judge")
+        passed = list(step.run(iter(docs)))
+    finally:
+        server.shutdown()
+    assert [d.id for d in passed] == ["d0", "d1", "d2"]  # labelling never drops documents
+    rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert [r["rating"] for r in rows] == [8.0, 6.0]
+    stats = {k: v for k, v in step.stats.to_dict()["stats"].items()}
+    assert stats["oracle_rated"] == 3 and stats["oracle_parse_failed"] == 1
+    request = _FakeChatServer.seen[0]
+    assert request["model"] == "judge" and request["temperature"] == 0.0
+    assert "Python code to be assessed: " + GOOD[0] in request["messages"][0]["content"]
