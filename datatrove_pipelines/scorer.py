@@ -19,8 +19,6 @@ import os
 import random
 import sys
 from collections import defaultdict
-from typing import Optional
-
 import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -55,6 +53,10 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
     model = LlamaForSequenceClassification.from_pretrained(base_model, num_labels=1, problem_type="regression",
                                                            dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
+    # The head learns the deviation from the mean training label: with few labels the fresh head
+    # starts at the mean-predictor baseline instead of at 0.
+    offset = float(np.mean([r["rating"] for r in train])) / 10.0
+    model.config.label_offset = offset
     device = _device()
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -67,7 +69,7 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
             batch = train[lo:lo + batch_size]
             enc = tokenizer([r["text"] for r in batch], truncation=True, max_length=max_tokens, padding=True,
                             return_tensors="pt").to(device)
-            target = torch.tensor([r["rating"] / 10.0 for r in batch], device=device)
+            target = torch.tensor([r["rating"] / 10.0 - offset for r in batch], device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 pred = model(**enc).logits.squeeze(-1)
             loss = torch.nn.functional.mse_loss(pred.float(), target)
@@ -114,7 +116,7 @@ def score_texts(scorer_dir: str, texts: list[str], batch_size: int = 16, max_tok
             enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_tokens, padding=True,
                             return_tensors="pt").to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                pred = model(**enc).logits.squeeze(-1).float()
+                pred = model(**enc).logits.squeeze(-1).float() + getattr(model.config, "label_offset", 0.0)
             out[idx] = (pred.clamp(0, 1) * 10).cpu().numpy()
     return out
 
