@@ -57,6 +57,8 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
     # starts at the mean-predictor baseline instead of at 0.
     offset = float(np.mean([r["rating"] for r in train])) / 10.0
     model.config.label_offset = offset
+    with torch.no_grad():
+        model.score.weight.zero_()  # a fresh head predicts exactly the mean, then learns from there
     device = _device()
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
