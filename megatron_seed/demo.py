@@ -1,20 +1,20 @@
-"""The CPU demo: the whole pipeline that exists, on this machine's Python standard library.
+"""The CPU demo: the whole pipeline that exists, on this machine's Python code.
 
-    python -m megatron_seed.demo [--out runs/demo] [--max-files N] [--vocab-size V] [key.sub=value ...]
+    python -m megatron_seed.demo [--out runs/demo] [--max-files N] [--site-packages-files N]
+        [--oracle URL|HF_DIR] [--oracle-sample N] [--vocab-size V] [key.sub=value ...]
 
-1. corpus     the standard library's own ``.py`` files -> ``data/stdlib.jsonl`` (a real code corpus
-              present on every machine);
-2. tokenizer  a byte-level BPE with Seed-Coder's special and FIM tokens (``tools/train_tokenizer.py``);
-3. preprocess jsonl -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5
-              (``tools/preprocess_data.py``);
-4. pretrain   the ``tiny`` preset on it (``python -m megatron_seed.pretrain``), with evaluation
-              and a checkpoint;
-5. export     the checkpoint to a Hugging Face Llama directory (``tools/convert_checkpoint.py
-              mcore-to-hf``) and generate from it with transformers;
-6. evaluate   completions of HumanEval problems generated from the checkpoint
-              (``megatron_seed.inference``), run in the sandbox, scored as pass@1
-              (``python -m megatron_seed.evaluate.code``). A 30-step tiny model scores 0: the
-              point is the path, not the number.
+1. corpus     the standard library's own ``.py`` files and a sample of installed packages' ->
+              ``data/code.jsonl`` (real code present on every machine; sampled for time);
+2. curate     ``datatrove_pipelines.curate``: file filters, exact + near dedup, HumanEval
+              decontamination, an LLM oracle (SmolLM2-135M-Instruct on CPU unless --oracle)
+              rating a sample with the paper's prompt, a regression-head scorer trained on those
+              labels scoring every file, the bottom 10% per language dropped;
+3. tokenizer  a byte-level BPE with Seed-Coder's special and FIM tokens, on the kept files;
+4. preprocess kept files -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5;
+5. pretrain   the ``tiny`` preset on them, with evaluation and a checkpoint;
+6. export     the checkpoint to a Hugging Face Llama directory and generate with transformers;
+7. evaluate   HumanEval completions generated from the checkpoint, run in the sandbox, pass@1.
+              A 30-step tiny model scores 0: the point is the path, not the number.
 
 Each stage prints what it did; the run directory holds everything.
 """
@@ -35,6 +35,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--max-files", type=int, default=400, help="standard-library files to use (0 = all)")
+    parser.add_argument("--site-packages-files", type=int, default=100, help="installed-package files to add")
+    parser.add_argument("--oracle", default=None, help="OpenAI-compatible URL or HF chat model dir (default SmolLM2)")
+    parser.add_argument("--oracle-sample", type=int, default=16, help="files the oracle rates (scorer labels)")
+    parser.add_argument("--drop-fraction", type=float, default=0.1)
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer (and model) vocabulary")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
     parser.add_argument("--humaneval-problems", type=int, default=16, help="HumanEval problems to evaluate on")
@@ -45,24 +49,40 @@ def main(argv=None) -> int:
 
     from megatron_seed.data import preprocess, stdlib_corpus, tokenizer_training
 
-    jsonl = data / "stdlib.jsonl"
-    n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files)
-    log(f"1/6 corpus: {n_files} standard-library files -> {n_records} records -> {jsonl}")
+    jsonl = data / "code.jsonl"
+    n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files, site_packages=args.site_packages_files)
+    log(f"1/7 corpus: {n_files} files ({args.max_files} standard library + {args.site_packages_files} "
+        f"site-packages, sampled) -> {n_records} records -> {jsonl}")
+
+    from datatrove_pipelines import curate
+
+    curated = out / "curation"
+    log("2/7 curate: filters, exact + near dedup, decontamination, LLM oracle labels, scorer, bottom "
+        f"{args.drop_fraction:.0%} dropped (oracle: {args.oracle or 'SmolLM2-135M-Instruct on CPU'})")
+    curate_args = ["--input", str(jsonl), "--output", str(curated), "--tasks", "2", "--workers", str(args.workers),
+                   "--oracle-sample", str(args.oracle_sample), "--max-tokens", "256",
+                   "--drop-fraction", str(args.drop_fraction), "--no-tokenize"]
+    if args.oracle:
+        curate_args += ["--oracle", args.oracle]
+    stats = curate.run(curate.build_parser().parse_args(curate_args))
+    kept = sorted(str(p) for p in (curated / "kept").glob("*.jsonl.gz"))
+    log(f"2/7 curate: {stats['documents_in']} files in = {stats['kept']} kept + {stats['dropped_total']} dropped "
+        f"{stats['dropped']} (details: {curated / 'stats.json'}, {curated / 'score_histogram.png'})")
 
     tokenizer_dir = out / "tokenizer"
-    tokenizer_training.train_bpe(tokenizer_training.iter_texts([str(jsonl)]), args.vocab_size, str(tokenizer_dir))
-    log(f"2/6 tokenizer: byte-level BPE, vocab {args.vocab_size} -> {tokenizer_dir}")
+    tokenizer_training.train_bpe(tokenizer_training.iter_texts(kept), args.vocab_size, str(tokenizer_dir))
+    log(f"3/7 tokenizer: byte-level BPE on the kept files, vocab {args.vocab_size} -> {tokenizer_dir}")
 
-    prefix = data / "stdlib"
-    code = preprocess.main(["--input", str(jsonl), "--output-prefix", str(prefix), "--json-keys", "text",
+    prefix = data / "code"
+    code = preprocess.main(["--input", *kept, "--output-prefix", str(prefix), "--json-keys", "text",
                             "--tokenizer-model", str(tokenizer_dir), "--append-eod", "--fim-rate", "0.5",
                             "--workers", str(args.workers), "--log-interval", "0"])
     if code:
         return code
     dataset = preprocess.output_prefix(str(prefix), "text")
-    log(f"3/6 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
+    log(f"4/7 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
 
-    log("4/6 pretrain: tiny preset")
+    log("5/7 pretrain: tiny preset on the curated tokens")
     from megatron_seed.pretrain import main as pretrain
 
     code = pretrain([
@@ -103,7 +123,7 @@ def evaluate_on_humaneval(checkpoints: Path, samples_path: Path, n_problems: int
             f.write(json.dumps(sample) + "\n")
     with Sandbox(max_workers=2) as box:
         summary, _ = evaluate(problems, samples, [1], box, progress=False)
-    log(f"6/6 evaluate: {len(samples)} HumanEval completions ({samples_path}) run in the sandbox: "
+    log(f"7/7 evaluate: {len(samples)} HumanEval completions ({samples_path}) run in the sandbox: "
         f"pass@1 {summary['pass@1']:.3f}, outcomes {summary['statuses']}")
     return 0
 
@@ -122,7 +142,7 @@ def export_and_generate(checkpoints: Path, hf_dir: Path, prompt: str = "def main
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    log(f"5/6 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    log(f"6/7 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"params); greedy continuation of {prompt!r}:")
     print(prompt + text, flush=True)
     return 0
