@@ -16,6 +16,7 @@ tasks that completed, so an interrupted job resumes):
 5. ``scorer``        a Llama + regression head trained on the labels (unless --scorer is given)
 6. ``score``         every file scored (metadata quality_score, 0-10) -> 4_scored
 7. ``select``        the bottom --drop-fraction of each language dropped -> OUTPUT/kept (jsonl.gz)
+   ``repo_level``    kept files of each repository concatenated in dependency order -> OUTPUT/repo_level
 8. ``tokenize``      kept files -> Megatron .bin/.idx with SPM FIM (tools/preprocess_data.py)
 
 ``OUTPUT/stats.json`` reconciles documents: files read = kept + dropped per stage and reason;
@@ -153,6 +154,11 @@ def run(args: argparse.Namespace) -> dict:
     execute("select", [JsonlReader(stage_dir("4_scored")),
                        PercentileFilter(os.path.join(out, "scores"), n, args.drop_fraction),
                        JsonlWriter(os.path.join(out, "kept"))])
+    if args.repo_level:
+        from datatrove_pipelines.repo_level import RepoLevelDocuments
+
+        execute("repo_level", [JsonlReader(os.path.join(out, "kept")), RepoLevelDocuments(args.seed),
+                               JsonlWriter(os.path.join(out, "repo_level"))])
     stats = write_stats(out, args)
     if args.tokenize:
         tokenize(out, args)
@@ -276,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tokenize", dest="tokenize", action="store_false")
+    p.add_argument("--no-repo-level", dest="repo_level", action="store_false",
+                   help="skip the repository-level documents (long-context data)")
     p.add_argument("--tokenizer", default=None, help="tokenizer for .bin/.idx (default: a BPE trained on the kept files)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--fim-rate", type=float, default=0.5)

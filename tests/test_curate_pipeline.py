@@ -60,6 +60,14 @@ def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):
     assert len(labels) >= 4 and all(0 <= r["rating"] <= 10 for r in labels)
     assert json.loads((out / "scorer" / "scorer_metrics.json").read_text())["held_out"] >= 1
     assert (out / "score_histogram.png").stat().st_size > 1000
+    repo_docs = []
+    for path in sorted((out / "repo_level").glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as f:
+            repo_docs += [json.loads(line) for line in f]
+    by_repo = {d["metadata"]["repo"]: d for d in repo_docs}
+    kept_a = sorted(i.split("/", 1)[1] for i in ids if i.startswith("repo_a/"))
+    assert sorted(f["path"] for f in by_repo["repo_a"]["metadata"]["files"]) == kept_a
+    assert all(f"# {p}\n" in by_repo["repo_a"]["text"] for p in kept_a)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     assert len(IndexedDataset(str(out / "tokens" / "code_text_document"))) == len(kept)
@@ -135,3 +143,28 @@ def test_endpoint_oracle_labeler_counts_unparsable_replies(tmp_path):
     request = _FakeChatServer.seen[0]
     assert request["model"] == "judge" and request["temperature"] == 0.0
     assert "Python code to be assessed: " + GOOD[0] in request["messages"][0]["content"]
+
+
+def test_repo_level_documents_follow_python_imports():
+    from datatrove.data import Document
+
+    from datatrove_pipelines.repo_level import RepoLevelDocuments, dependency_order
+
+    files = [("pkg/app.py", "from pkg.models import User\nfrom .utils import helper\n"),
+             ("pkg/models.py", "from . import utils\nclass User:\n    pass\n"),
+             ("pkg/utils.py", "def helper():\n    pass\n"),
+             ("pkg/__init__.py", "from .app import *\n"),
+             ("main.py", "import pkg.app\n"),
+             ("a.py", "import b\n"), ("b.py", "import a\n")]  # a cycle, broken by path order
+    order = [files[i][0] for i in dependency_order(files)]
+    for before, after in [("pkg/utils.py", "pkg/models.py"), ("pkg/models.py", "pkg/app.py"),
+                          ("pkg/app.py", "pkg/__init__.py"), ("pkg/app.py", "main.py")]:
+        assert order.index(before) < order.index(after), (before, after, order)
+    assert sorted(order) == sorted(p for p, _ in files)
+    docs = [Document(text=t, id=p, metadata={"repo": "r", "path": p, "language": "Python"}) for p, t in files]
+    docs += [Document(text=f"int f{i}(void) {{ return {i}; }}\n", id=f"c{i}.c",
+                      metadata={"repo": "r", "path": f"c{i}.c", "language": "C"}) for i in range(4)]
+    (repo,) = RepoLevelDocuments(seed=1).run(iter(docs))
+    paths = [f["path"] for f in repo.metadata["files"]]
+    assert paths[:len(files)] == order and sorted(paths[len(files):]) == [f"c{i}.c" for i in range(4)]
+    assert repo.text.index("# pkg/utils.py") < repo.text.index("# pkg/app.py")
