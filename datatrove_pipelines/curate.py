@@ -15,9 +15,13 @@ tasks that completed, so an interrupted job resumes):
 4. ``oracle``        an LLM rates a deterministic sample with the paper's prompt -> labels.jsonl
 5. ``scorer``        a Llama + regression head trained on the labels (unless --scorer is given)
 6. ``score``         every file scored (metadata quality_score, 0-10) -> 4_scored
-7. ``select``        the bottom --drop-fraction of each language dropped -> OUTPUT/kept (jsonl.gz)
+7. ``select``        the bottom --drop-fraction of each language dropped -> OUTPUT/kept (jsonl.gz;
+                     also OUTPUT/kept_parquet with --parquet)
    ``repo_level``    kept files of each repository concatenated in dependency order -> OUTPUT/repo_level
 8. ``tokenize``      kept files -> Megatron .bin/.idx with SPM FIM (tools/preprocess_data.py)
+
+Executors: ``local`` is what the tests run; ``slurm`` and ``ray`` pass the same pipelines to
+datatrove's Slurm/Ray executors and are **not exercised by the test suite**.
 
 ``OUTPUT/stats.json`` reconciles documents: files read = kept + dropped per stage and reason;
 ``OUTPUT/score_histogram.png`` shows the score distribution and the cut.
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                                   MinhashDedupFilter)
     from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
     from datatrove_pipelines.decontamination import BenchmarkDecontaminator
     from datatrove_pipelines.dedup import CodeMinhashSignature, ExactDedupFilter, ExactDedupSignature
@@ -151,9 +155,10 @@ def run(args: argparse.Namespace) -> dict:
     execute("score", [JsonlReader(deduped), QualityScorer(scorer_dir, os.path.join(out, "scores"),
                                                           max_tokens=args.max_tokens),
                       JsonlWriter(stage_dir("4_scored"))])
+    kept_writer = JsonlWriter(os.path.join(out, "kept"))
     execute("select", [JsonlReader(stage_dir("4_scored")),
-                       PercentileFilter(os.path.join(out, "scores"), n, args.drop_fraction),
-                       JsonlWriter(os.path.join(out, "kept"))])
+                       PercentileFilter(os.path.join(out, "scores"), n, args.drop_fraction), kept_writer]
+            + ([ParquetWriter(os.path.join(out, "kept_parquet"))] if args.parquet else []))
     if args.repo_level:
         from datatrove_pipelines.repo_level import RepoLevelDocuments
 
@@ -281,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="tokens of each file the scorer reads")
     p.add_argument("--drop-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parquet", action="store_true", help="also write the kept files as parquet (kept_parquet/)")
     p.add_argument("--no-tokenize", dest="tokenize", action="store_false")
     p.add_argument("--no-repo-level", dest="repo_level", action="store_false",
                    help="skip the repository-level documents (long-context data)")

@@ -25,7 +25,7 @@ def tiny_model(tmp_path_factory):
 def curate(corpus: Path, out: Path, model: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "datatrove_pipelines.curate", "--input", str(corpus), "--output",
                            str(out), "--tasks", "2", "--workers", "2", "--oracle", str(model), "--oracle-sample", "20",
-                           "--scorer-base", str(model), "--max-tokens", "128", "--vocab-size", "400"],
+                           "--scorer-base", str(model), "--max-tokens", "128", "--vocab-size", "400", "--parquet"],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -56,6 +56,10 @@ def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):
     assert not ids & {"repo_a/broken.py", "repo_a/migrations.py", "repo_a/table.py", "repo_a/solution.py",
                       "repo_b/copy.py", "repo_b/near.py"}
     assert all(0 <= d["metadata"]["quality_score"] <= 10 for d in kept)
+    import pyarrow.parquet as pq
+
+    parquet_ids = {i for path in (out / "kept_parquet").glob("*.parquet") for i in pq.read_table(path)["id"].to_pylist()}
+    assert parquet_ids == ids
     labels = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     assert len(labels) >= 4 and all(0 <= r["rating"] <= 10 for r in labels)
     assert json.loads((out / "scorer" / "scorer_metrics.json").read_text())["held_out"] >= 1
