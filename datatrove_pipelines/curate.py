@@ -215,11 +215,11 @@ def write_stats(out: str, args) -> dict:
              "drop_fraction": args.drop_fraction, "stages": stages}
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
-    _histogram(out)
+    _histogram(out, args.drop_fraction)
     return stats
 
 
-def _histogram(out: str) -> Optional[str]:
+def _histogram(out: str, drop_fraction: float) -> Optional[str]:
     scores = []
     for path in glob.glob(os.path.join(out, "scores", "*.json")):
         with open(path) as f:
@@ -239,7 +239,8 @@ def _histogram(out: str) -> Optional[str]:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(scores, bins=40, color="#4472c4")
-    ax.axvline(float(np.quantile(scores, 0.1)), color="#c00000", linestyle="--", label="10th percentile")
+    ax.axvline(float(np.quantile(scores, drop_fraction)), color="#c00000", linestyle="--",
+               label=f"cut: bottom {drop_fraction:.0%} (all languages)")
     ax.set_xlabel("quality score (0-10)")
     ax.set_ylabel("files")
     ax.legend()
