@@ -11,7 +11,8 @@ tasks that completed, so an interrupted job resumes):
 1. ``filter``        read (directory tree: one document per file; or jsonl/parquet) -> file filters
                      -> 10-gram decontamination against HumanEval -> OUTPUT/stages/1_filtered
 2. ``exact``         SHA256 file + repository dedup (signature, then filter) -> 2_exact
-3. ``near``          MinHash near dedup (datatrove's 4 stages, code tokenizer) -> 3_dedup
+3. ``near``          MinHash near dedup (datatrove's 4 stages, code tokenizer) of files -> 3_dedup,
+                     then of repositories (one document each), dropping near-copied repos -> 3_repo_dedup
 4. ``oracle``        an LLM rates a deterministic sample with the paper's prompt -> labels.jsonl
 5. ``scorer``        a Llama + regression head trained on the labels (unless --scorer is given)
 6. ``score``         every file scored (metadata quality_score, 0-10) -> 4_scored
@@ -38,7 +39,7 @@ import time
 from typing import Optional
 
 STAGES = ("filter", "exact_signature", "exact_filter", "near_signature", "near_buckets", "near_cluster",
-          "near_filter", "oracle", "score", "select")
+          "near_filter", "near_repo_apply", "oracle", "score", "select")
 
 
 def log(message: str) -> None:
@@ -105,7 +106,9 @@ def run(args: argparse.Namespace) -> dict:
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
     from datatrove_pipelines.decontamination import BenchmarkDecontaminator
-    from datatrove_pipelines.dedup import CodeMinhashSignature, ExactDedupFilter, ExactDedupSignature
+    from datatrove_pipelines.dedup import (CodeMinhashSignature, ExactDedupFilter, ExactDedupSignature, RecordRepos,
+                                           RepoAllowList)
+    from datatrove_pipelines.repo_level import RepoLevelDocuments
     from datatrove_pipelines.filters import CodeFileFilter
     from datatrove_pipelines.oracle import OracleLabeler
     from datatrove_pipelines.scorer import PercentileFilter, QualityScorer
@@ -139,6 +142,22 @@ def run(args: argparse.Namespace) -> dict:
         execute("near_filter", [JsonlReader(deduped), MinhashDedupFilter(os.path.join(minhash, "remove_ids")),
                                 JsonlWriter(stage_dir("3_dedup"))])
         deduped = stage_dir("3_dedup")
+        # Repository level: each repository as one document (its files concatenated), MinHash over
+        # those, then the files of repositories found to be near copies of another are dropped.
+        repos = lambda: [JsonlReader(deduped), RepoLevelDocuments(args.seed, min_files=1)]  # noqa: E731
+        execute("near_repo_signature", repos() + [CodeMinhashSignature(os.path.join(minhash, "repo_signatures"),
+                                                                       config=config)])
+        execute("near_repo_buckets", [MinhashDedupBuckets(os.path.join(minhash, "repo_signatures"),
+                                                          os.path.join(minhash, "repo_buckets"), config=config)],
+                tasks=config.num_buckets)
+        execute("near_repo_cluster", [MinhashDedupCluster(os.path.join(minhash, "repo_buckets"),
+                                                          os.path.join(minhash, "repo_remove_ids"), config=config)],
+                tasks=1)
+        execute("near_repo_filter", repos() + [MinhashDedupFilter(os.path.join(minhash, "repo_remove_ids")),
+                                               RecordRepos(os.path.join(minhash, "repos_kept"))])
+        execute("near_repo_apply", [JsonlReader(deduped), RepoAllowList(os.path.join(minhash, "repos_kept")),
+                                    JsonlWriter(stage_dir("3_repo_dedup"))])
+        deduped = stage_dir("3_repo_dedup")
     scorer_dir = args.scorer
     if scorer_dir is None:
         labels = os.path.join(out, "labels.jsonl")
@@ -160,8 +179,6 @@ def run(args: argparse.Namespace) -> dict:
                        PercentileFilter(os.path.join(out, "scores"), n, args.drop_fraction), kept_writer]
             + ([ParquetWriter(os.path.join(out, "kept_parquet"))] if args.parquet else []))
     if args.repo_level:
-        from datatrove_pipelines.repo_level import RepoLevelDocuments
-
         execute("repo_level", [JsonlReader(os.path.join(out, "kept")), RepoLevelDocuments(args.seed),
                                JsonlWriter(os.path.join(out, "repo_level"))])
     stats = write_stats(out, args)

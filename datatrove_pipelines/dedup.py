@@ -126,3 +126,47 @@ class CodeMinhashSignature(MinhashDedupSignature):
     def __init__(self, output_folder, config=None, **kwargs):
         kwargs.setdefault("language", CodeWordTokenizer())
         super().__init__(output_folder, config=config, **kwargs)
+
+
+class RecordRepos(PipelineStep):
+    """Writes the repository names of the documents it sees (one task file each) and passes
+    nothing on: after a repo-level MinHash filter, the repositories that survived."""
+
+    name = "📝 record repositories"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        repos = sorted({doc.metadata.get("repo", "") for doc in data or []})
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, f"{rank:05d}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(repos, f)
+        os.replace(path + ".tmp", path)
+        yield from ()
+
+
+class RepoAllowList(PipelineStep):
+    """Keeps files whose repository survived repo-level near dedup (recorded by ``RecordRepos``
+    for the same task); the rest are dropped as ``near_duplicate_repo``."""
+
+    name = "🫂 near-duplicate repositories"
+    type = "🫂 - DEDUP"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        with open(os.path.join(self.folder, f"{rank:05d}.json")) as f:
+            allowed = set(json.load(f))
+        for doc in data or []:
+            self.stat_update("total")
+            if doc.metadata.get("repo", "") not in allowed:
+                self.stat_update("dropped_near_duplicate_repo")
+                continue
+            self.stat_update("forwarded")
+            yield doc

@@ -41,6 +41,9 @@ def make_corpus(root: Path) -> dict:
     (b / "near.py").write_text(GOOD[3].replace("indent=2", "indent=4"))  # near duplicate
     (b / "main.c").write_text('#include <stdio.h>\n\nint main(void) {\n    printf("hello\\n");\n    return 0;\n}\n')
     (b / "util.py").write_text('def add(a, b):\n    """Sum of two numbers."""\n    return a + b\n')
+    d = root / "repo_merged"  # repo_a's modules pasted into one file: new files, the same repository
+    d.mkdir()
+    (d / "everything.py").write_text("\n\n".join(GOOD))
     fork = root / "repo_fork"  # a fork identical to repo_a: dropped whole
     for path in a.rglob("*"):
         target = fork / path.relative_to(a)

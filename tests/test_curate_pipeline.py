@@ -45,6 +45,8 @@ def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):
     assert dropped["filter/dropped_data_dominated"] == 2
     assert dropped["exact_filter/dropped_duplicate_repo"] == 6 and dropped["exact_filter/dropped_duplicate_file"] == 1
     assert dropped["near_filter/dropped_near_duplicate"] == 1
+    # repo_merged is no file's near copy, but as a repository it nearly copies repo_a: one goes.
+    assert dropped["near_repo_apply/dropped_near_duplicate_repo"] == 1
     assert dropped["select/dropped_low_quality"] >= 1
     kept = []
     for path in sorted((out / "kept").glob("*.jsonl.gz")):
@@ -53,6 +55,7 @@ def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):
     ids = {d["id"] for d in kept}
     assert len(kept) == stats["kept"] > 0
     assert not any(i.startswith("repo_fork/") for i in ids)
+    assert "repo_merged/everything.py" not in ids and any(i.startswith("repo_a/") for i in ids)
     assert not ids & {"repo_a/broken.py", "repo_a/migrations.py", "repo_a/table.py", "repo_a/solution.py",
                       "repo_b/copy.py", "repo_b/near.py"}
     assert all(0 <= d["metadata"]["quality_score"] <= 10 for d in kept)
