@@ -165,7 +165,6 @@ def run(args: argparse.Namespace) -> dict:
                 tasks=1)
         scorer_dir = os.path.join(out, "scorer")
         if not os.path.exists(os.path.join(scorer_dir, "scorer_metrics.json")):
-            from datatrove_pipelines.oracle import make_oracle  # noqa: F401 - same cache as the oracle
             from datatrove_pipelines.scorer import train_scorer
 
             base = args.scorer_base or _default_base_model()

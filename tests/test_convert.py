@@ -77,7 +77,7 @@ def test_trained_in_our_stack_then_exported_the_hf_loss_equals_ours(tmp_path):
     heads, kv, hidden, tied = CONFIGS["gqa_untied"]
     make_hf(tmp_path / "hf", heads, kv, hidden, tied)
     hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "init"), torch.float32)
-    model_args = [f"model.num_layers=2", f"model.hidden_size={hidden}", f"model.ffn_hidden_size={2 * hidden + 32}",
+    model_args = ["model.num_layers=2", f"model.hidden_size={hidden}", f"model.ffn_hidden_size={2 * hidden + 32}",
                   f"model.num_attention_heads={heads}", f"model.num_query_groups={kv}", "model.vocab_size=300",
                   "model.rotary_base=10000", "model.norm_epsilon=1e-5"]
     run_pretrain(tmp_path / "run", "--preset", "tiny", *model_args, "data.mock=true", "data.seq_length=32",

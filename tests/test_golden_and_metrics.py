@@ -35,7 +35,6 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
 
 
 def test_flops_formula_counts_matmul_parameters():
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = run_preset("tiny").model
