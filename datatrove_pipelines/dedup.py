@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import defaultdict
 
@@ -27,6 +26,8 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 from datatrove.utils.word_tokenizers import WordTokenizer
+
+from datatrove_pipelines.task_files import read_task_json, write_task_json
 
 CODE_WORDS = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|[^\sA-Za-z_0-9]")
 
@@ -53,12 +54,7 @@ class ExactDedupSignature(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         docs = list(data or [])
-        os.makedirs(self.folder, exist_ok=True)
-        signature = {"files": [content_hash(d.text) for d in docs], "repos": repo_hashes(docs)}
-        tmp = os.path.join(self.folder, f"{rank:05d}.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(signature, f)
-        os.replace(tmp, os.path.join(self.folder, f"{rank:05d}.json"))
+        write_task_json(self.folder, rank, {"files": [content_hash(d.text) for d in docs], "repos": repo_hashes(docs)})
         self.stat_update("documents", value=len(docs))
         yield from ()  # a signature stage passes nothing on
 
@@ -74,11 +70,7 @@ class ExactDedupFilter(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         seen_files, seen_repos = set(), set()
         for r in range(rank):
-            path = os.path.join(self.folder, f"{r:05d}.json")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} is missing: run ExactDedupSignature on all {world_size} tasks first")
-            with open(path) as f:
-                sig = json.load(f)
+            sig = read_task_json(self.folder, r, "ExactDedupSignature", world_size)
             seen_files.update(sig["files"])
             seen_repos.update(sig["repos"].values())
         docs = list(data or [])
@@ -140,12 +132,7 @@ class RecordRepos(PipelineStep):
         self.folder = folder
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        repos = sorted({doc.metadata.get("repo", "") for doc in data or []})
-        os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, f"{rank:05d}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(repos, f)
-        os.replace(path + ".tmp", path)
+        write_task_json(self.folder, rank, sorted({doc.metadata.get("repo", "") for doc in data or []}))
         yield from ()
 
 
@@ -161,8 +148,7 @@ class RepoAllowList(PipelineStep):
         self.folder = folder
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        with open(os.path.join(self.folder, f"{rank:05d}.json")) as f:
-            allowed = set(json.load(f))
+        allowed = set(read_task_json(self.folder, rank, "RecordRepos", world_size))
         for doc in data or []:
             self.stat_update("total")
             if doc.metadata.get("repo", "") not in allowed:

@@ -23,6 +23,8 @@ import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from datatrove_pipelines.task_files import read_task_json, write_task_json
+
 
 def _device():
     import torch
@@ -143,11 +145,7 @@ class QualityScorer(PipelineStep):
             doc.metadata["quality_score"] = round(float(score), 4)
             per_language[doc.metadata.get("language") or "unknown"].append(float(score))
             self.stat_update("scored")
-        os.makedirs(self.scores_folder, exist_ok=True)
-        path = os.path.join(self.scores_folder, f"{rank:05d}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(per_language, f)
-        os.replace(path + ".tmp", path)
+        write_task_json(self.scores_folder, rank, per_language)
         yield from docs
 
 
@@ -156,12 +154,8 @@ def thresholds(scores_folder: str, world_size: int, drop_fraction: float, min_do
     language; languages with fewer than ``min_docs`` files use the quantile over all files."""
     per_language = defaultdict(list)
     for r in range(world_size):
-        path = os.path.join(scores_folder, f"{r:05d}.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: run QualityScorer on all {world_size} tasks first")
-        with open(path) as f:
-            for language, values in json.load(f).items():
-                per_language[language] += values
+        for language, values in read_task_json(scores_folder, r, "QualityScorer", world_size).items():
+            per_language[language] += values
     everything = [v for values in per_language.values() for v in values]
     overall = float(np.quantile(everything, drop_fraction)) if everything else 0.0
     return {language: float(np.quantile(values, drop_fraction)) if len(values) >= min_docs else overall
