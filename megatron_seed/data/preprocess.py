@@ -295,19 +295,16 @@ def run(args: argparse.Namespace) -> Summary:
             done = part + ".done.json"
             if os.path.exists(done):
                 with open(done) as f:
-                    state = json.load(f)
+                    summary = _summary_from_json(json.load(f))
                 print(f"[preprocess] partition {i}: already done, skipped", file=sys.stderr)
-                total.add(_summary_from_json(state))
-                n_group = state["records_in"]
             else:
-                s = _write_partition(group, part, spec, options, args.workers, args.chunk_records,
-                                     args.strict, args.log_interval, skipped_log, start_index)
+                summary = _write_partition(group, part, spec, options, args.workers, args.chunk_records,
+                                           args.strict, args.log_interval, skipped_log, start_index)
                 with open(done + ".tmp", "w") as f:
-                    json.dump(s.to_json(), f)
+                    json.dump(summary.to_json(), f)
                 os.replace(done + ".tmp", done)  # a partition counts as done only once fully written
-                total.add(s)
-                n_group = s.records_in
-            start_index += n_group
+            total.add(summary)
+            start_index += summary.records_in
         if len(groups) > 1:
             for k in options.keys:
                 parts = [output_prefix(f"{args.output_prefix}_part{i:03d}", k) for i in range(len(groups))]

@@ -112,7 +112,7 @@ class InferenceModel:
         with open(os.path.join(folder, "config.json")) as f:
             model = model_config_from_hf(json.load(f))
         source = SafetensorsSource(folder)
-        return cls(model, {name: source.get(name) for name in source._where}, dtype)
+        return cls(model, {name: source.get(name) for name in source.names()}, dtype)
 
     # ------------------------------------------------------------------ forward
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

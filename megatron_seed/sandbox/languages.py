@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -30,6 +31,7 @@ class Language:
         return 0 if self.needs_unlimited_address_space else limit
 
 
+@lru_cache(maxsize=None)  # asked on every run; the toolchains on PATH do not change under a job
 def _which(tool: str) -> Optional[str]:
     return tool if os.path.isabs(tool) and os.access(tool, os.X_OK) else shutil.which(tool)
 

@@ -87,6 +87,7 @@ class Sandbox:
             self._uids.put(first_uid + offset + i)
         self.max_workers = max_workers
         self._hidden = tuple(h for h in HIDDEN if os.path.isdir(h))
+        self._readonly_binds = _under_hidden(self._hidden)
         # Python programs run in forks of a pre-started interpreter (zygote.py), isolated the same way.
         self.python_fast_path = python_fast_path and hasattr(socket, "send_fds")
         self._zygote: Optional[subprocess.Popen] = None
@@ -147,7 +148,7 @@ class Sandbox:
         os.chmod(workdir, 0o700)
         config = {
             "workdir": workdir, "uid": uid, "hidden": list(self._hidden),
-            "readonly_binds": _under_hidden(self._hidden),
+            "readonly_binds": self._readonly_binds,
             "limits": {"cpu_seconds": limits.cpu_seconds, "memory_bytes": lang.memory(limits.memory_bytes),
                        "processes": limits.processes, "file_bytes": limits.file_bytes,
                        "open_files": limits.open_files},
