@@ -138,12 +138,30 @@ def block_spec(model: ModelConfig, config, vp_stage):
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
 
 
+def _seed_gpt_model_class():
+    """megatron-core's GPTModel with the language-model loss computed by our chunked vocab-parallel
+    cross entropy (no float32 [tokens, vocab] tensors; see megatron_seed.models.cross_entropy).
+    Everything else, including the fused TE/native cross entropy when configured, is upstream's."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_seed.models.cross_entropy import vocab_parallel_cross_entropy
+
+    class SeedGPTModel(GPTModel):
+        def compute_language_model_loss(self, labels, logits):
+            if self.config.cross_entropy_loss_fusion:
+                return super().compute_language_model_loss(labels, logits)
+            loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
+            return loss.transpose(0, 1).contiguous()  # [s, b] -> [b, s]
+
+    return SeedGPTModel
+
+
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
                        seq_length: Optional[int] = None, seed: int = 1234) -> list:
     """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
+    GPTModel = _seed_gpt_model_class()
     config = build_transformer_config(model, parallel, train)
     chunks = []
     for vp_stage in range(parallel.virtual_pipeline or 1):

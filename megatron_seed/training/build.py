@@ -27,6 +27,10 @@ def build_pretraining(run: RunConfig) -> Trainer:
     run.validate(launch.detect().world_size)  # before any process group exists: fail fast
     ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=run.train.seed)
     run.validate(ctx.world_size)
+    if ctx.device.type == "cpu" and run.train.cpu_reuse_freed_memory:
+        from megatron_seed.platform.cpu_allocator import keep_freed_memory
+
+        keep_freed_memory()
     logger = RunLogger(run.train.run_dir, ctx.is_main, run.train.steps, run.train.tensorboard)
     if run.train.load:
         check_checkpoint_model(run.train.load, run.model)
