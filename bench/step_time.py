@@ -42,7 +42,7 @@ def _time_steps(step, steps: int, warmup: int) -> dict:
     return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _ours(preset: str, steps: int, warmup: int) -> dict:
+def _ours(preset: str, steps: int, warmup: int, overrides: list) -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
     from megatron_seed.config import load_config
@@ -52,7 +52,7 @@ def _ours(preset: str, steps: int, warmup: int) -> dict:
     run = load_config(None, [f"train.steps={steps + warmup}", f"data.seq_length={seq}", "data.mock=true",
                              f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
                              "train.precision=bf16", "train.run_dir=/tmp/bench_step_time",
-                             "train.tensorboard=false"], preset=preset)
+                             "train.tensorboard=false", *overrides], preset=preset)
     trainer = build_pretraining(run)
     it = trainer._iterators(0, 0)
     return _time_steps(lambda: trainer.train_step(it), steps, warmup)
@@ -96,12 +96,14 @@ def main() -> int:
     parser.add_argument("--presets", default="tiny,llama_100m")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ours", default="train.compile=true",
+                        help="space-separated overrides for our run (default: compile the elementwise chains)")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         side, preset = args._child
         if side == "ours":
-            result = _ours(preset, args.steps, args.warmup)
+            result = _ours(preset, args.steps, args.warmup, args.ours.split())
         else:
             result = _hf(preset, args.steps, args.warmup, keep_freed_memory=side == "hf_keep")
         print("RESULT " + json.dumps(result), flush=True)
@@ -111,7 +113,7 @@ def main() -> int:
         results = {}
         for side in ("hf", "hf_keep", "ours"):
             out = subprocess.run([sys.executable, __file__, "--_child", side, preset, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+                                  "--warmup", str(args.warmup), "--ours", args.ours], capture_output=True, text=True, env=env)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
                 print(out.stderr[-3000:], file=sys.stderr)

@@ -123,3 +123,15 @@ def test_allocator_keeps_large_blocks_in_the_heap():
     mb64 = 64 * 2**20
     assert out["default"][0] >= mb64  # glibc default: served by mmap, returned on free
     assert out["keep"][0] < mb64 and out["keep"][1] >= mb64  # heap block, kept free for reuse
+
+
+def test_compiled_elementwise_chains_match_eager(tmp_path):
+    """train.compile fuses RMSNorm and SwiGLU with torch.compile: same losses as eager (fp32)."""
+    from helpers import assert_losses_close, losses, run_pretrain
+
+    args = ("train.steps=3", "train.precision=fp32", "train.log_interval=1")
+    run_pretrain(tmp_path / "eager", *args)
+    proc = run_pretrain(tmp_path / "compiled", *args, "train.compile=true", timeout=600)
+    # tiny preset: 2 layers x (2 RMSNorm + 1 SwiGLU) + the final RMSNorm
+    assert "train.compile: 7 modules compiled" in proc.stdout + proc.stderr
+    assert_losses_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), atol=1e-5)

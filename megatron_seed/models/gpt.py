@@ -96,6 +96,8 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
+        # The local spec puts SwiGLU in the MLP's activation-module slot (megatron_seed.models.swiglu).
+        use_te_activation_func=impl == "local",
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
         **recompute,
@@ -113,8 +115,11 @@ def layer_spec(model: ModelConfig):
     from megatron_seed.models.norm import RMSNorm
 
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
+    from megatron_seed.models.swiglu import SwiGLU
+
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.mlp.submodules.activation_func = SwiGLU
     if model.attention_backend == "sdpa":
         from megatron_seed.models.attention import SDPAttention
 
@@ -186,4 +191,8 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: Trai
     init_parameters(chunks, seed, model.init_std, model.num_layers)
     if train.fp8 and resolve_impl(model) != "transformer_engine":
         enable_fp8_emulation(chunks, Fp8Recipe(format=train.fp8))
+    if train.compile and resolve_impl(model) != "transformer_engine":
+        from megatron_seed.models.compile import compile_elementwise
+
+        compile_elementwise(chunks)
     return chunks

@@ -45,7 +45,12 @@ def build_pretraining(run: RunConfig) -> Trainer:
         logger.info(f"megatron-seed pretrain: {run.name} | {run.model.num_parameters() / 1e6:.2f}M params | "
                     f"world {ctx.world_size} (tp {ctx.tp} pp {ctx.pp} dp {ctx.dp}"
                     f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}) | {ctx.device} | launcher {ctx.launcher}")
-    chunks = wrap_for_training(build_model_chunks(run.model, p, run.train, run.data.seq_length, run.train.seed), run)
+    model_chunks = build_model_chunks(run.model, p, run.train, run.data.seq_length, run.train.seed)
+    if run.train.compile and ctx.is_main:
+        from megatron_seed.models.compile import compiled_modules
+
+        logger.info(f"train.compile: {compiled_modules(model_chunks)} modules compiled (RMSNorm, SwiGLU)")
+    chunks = wrap_for_training(model_chunks, run)
     optimizer = build_optimizer(chunks, run)
     scheduler = build_scheduler(optimizer, run)
     tokenizer = load_tokenizer(run.data.tokenizer)
