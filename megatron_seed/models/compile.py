@@ -23,8 +23,26 @@ from megatron_seed.models.swiglu import SwiGLU
 COMPILED_CLASSES = (RMSNorm, SwiGLU)
 
 
+def compile_rotary_embedding() -> None:
+    """megatron-core applies RoPE through a module-level function (``rope_utils.
+    _apply_rotary_pos_emb_bshd``: cos/sin, two muls, a rotate-half cat and neg, an add, a cat),
+    called by name from its attention. Replacing that name with its compiled self is the only way
+    to fuse it without copying megatron-core's attention; it is process-wide and idempotent, and
+    the compiled function computes the same expression."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    current = rope_utils._apply_rotary_pos_emb_bshd
+    if getattr(current, "__megatron_seed_compiled__", False):
+        return
+    compiled = torch.compile(current, dynamic=False)
+    compiled.__megatron_seed_compiled__ = True
+    rope_utils._apply_rotary_pos_emb_bshd = compiled
+
+
 def compile_elementwise(chunks: list) -> int:
-    """Compile every RMSNorm and SwiGLU module of ``chunks`` in place; returns how many."""
+    """Compile every RMSNorm and SwiGLU module of ``chunks`` in place, and megatron-core's RoPE
+    function; returns how many modules."""
+    compile_rotary_embedding()
     count = 0
     for chunk in chunks:
         for module in chunk.modules():
