@@ -64,16 +64,26 @@ def test_cross_entropy_bf16_matches_megatron_core(monkeypatch):
 
 
 def test_fused_cpu_adam_is_selected_and_matches_torch_foreach(tmp_path):
-    from megatron_seed.config import load_config
-    from megatron_seed.training.build import build_pretraining
+    # The trainer is built in a child process: it starts a process group, which must not leak
+    # into the other tests of this session.
+    probe = textwrap.dedent(f"""
+        from megatron_seed.config import load_config
+        from megatron_seed.training.build import build_pretraining
+        from megatron_seed.training.setup import _torch_optimizers
+        run = load_config(None, ["train.steps=1", "data.mock=true", "train.run_dir={tmp_path}",
+                                 "train.tensorboard=false", "train.precision=bf16"], preset="tiny")
+        trainer = build_pretraining(run)
+        groups = [g for o in _torch_optimizers(trainer.optimizer) for g in o.param_groups]
+        print("GROUPS", len(groups), all(g["fused"] and not g["foreach"] for g in groups))
+    """)
+    from helpers import free_port, subprocess_env
 
-    run = load_config(None, ["train.steps=1", "data.mock=true", f"train.run_dir={tmp_path}",
-                             "train.tensorboard=false", "train.precision=bf16"], preset="tiny")
-    trainer = build_pretraining(run)
-    from megatron_seed.training.setup import _torch_optimizers
-
-    groups = [g for o in _torch_optimizers(trainer.optimizer) for g in o.param_groups]
-    assert groups and all(g["fused"] and not g["foreach"] for g in groups)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env=dict(subprocess_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    line = [l for l in res.stdout.splitlines() if l.startswith("GROUPS")]
+    assert line, res.stderr[-3000:]
+    n, all_fused = line[0].split()[1:]
+    assert int(n) > 0 and all_fused == "True"
 
     # The fused kernel computes torch's AdamW update (checked against the multi-tensor kernel).
     torch.manual_seed(0)

@@ -50,7 +50,6 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         local = torch.where(in_slice, local, torch.zeros_like(local))
         row_index = torch.arange(rows, device=flat.device)
         grad = torch.empty_like(flat)
-        row_max = torch.empty(rows, dtype=torch.float32, device=flat.device)
         sum_exp = torch.empty(rows, dtype=torch.float32, device=flat.device)
         target_logit = torch.empty(rows, dtype=torch.float32, device=flat.device)
 
@@ -69,8 +68,9 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
                 grad[a:b] = x
             loss = sum_exp.log_().sub_(target_logit)
         else:
+            row_max = torch.empty(rows, dtype=torch.float32, device=flat.device)
             for a, b in _chunks(rows, vocab, chunk_elements):
-                row_max[a:b] = _f32(flat[a:b]).amax(dim=-1)
+                row_max[a:b] = flat[a:b].amax(dim=-1)  # exact in any dtype: no upcast needed
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
             for a, b in _chunks(rows, vocab, chunk_elements):
                 x = _f32(flat[a:b]).sub_(row_max[a:b, None])

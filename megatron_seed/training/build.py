@@ -14,7 +14,8 @@ from megatron_seed.platform import distributed
 from megatron_seed.training.checkpointing import Checkpointer
 from megatron_seed.training.metrics import RunLogger
 from megatron_seed.training.pretrain import PretrainObjective
-from megatron_seed.training.setup import build_optimizer, build_scheduler, wrap_for_training
+from megatron_seed.training.setup import (build_optimizer, build_scheduler, use_fused_cpu_adam,
+                                         wrap_for_training)
 from megatron_seed.training.trainer import Trainer
 
 
@@ -68,6 +69,7 @@ def build_pretraining(run: RunConfig) -> Trainer:
                       Checkpointer(ctx, t.save, t.async_save), logger)
     if t.load:
         trainer.state = trainer.checkpointer.load(t.load, chunks, optimizer, scheduler)
+        use_fused_cpu_adam(optimizer)  # loading restores param groups as saved (maybe unfused)
         logger.info(f"resumed from {t.load} at step {trainer.state.step}")
     torch.distributed.barrier()
     return trainer
