@@ -13,6 +13,7 @@ run config, in one place, not inside the model definition.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 from typing import Optional
 
@@ -143,6 +144,7 @@ def block_spec(model: ModelConfig, config, vp_stage):
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
 
 
+@functools.cache  # one class per process (megatron-core is imported lazily, hence not at module level)
 def _seed_gpt_model_class():
     """megatron-core's GPTModel with the language-model loss computed by our chunked vocab-parallel
     cross entropy (no float32 [tokens, vocab] tensors; see megatron_seed.models.cross_entropy).
