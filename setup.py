@@ -11,7 +11,9 @@ setup(
         # Any torch >= 2.4; on machines without a GPU install.sh pins the CPU build (2.13.0).
         "torch>=2.4",
         # 0.16.1 is the newest release installable on Python 3.11 (0.17+ need 3.12). The
-        # megatron-core CPU layer is pinned to it (megatron_seed/platform/megatron_cpu.py).
+        # megatron-core CPU layer is pinned to it (megatron_seed/platform/megatron_cpu.py): on
+        # another release whose patched functions changed it stops with an error unless
+        # MEGATRON_SEED_ALLOW_UNPINNED_MEGATRON=1.
         "megatron-core==0.16.1; python_version<'3.12'",
         "megatron-core>=0.16.1; python_version>='3.12'",
         "numpy",

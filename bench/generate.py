@@ -40,13 +40,16 @@ def main() -> int:
     p.add_argument("--hf-dir", default=None)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--dtypes", default="auto", help="comma-separated auto|bf16|fp32; auto = the precision policy's pick")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_seed.inference.engine import InferenceModel, generate
+    from megatron_seed.platform.precision import choose, cpu_description
+
+    print(f"[bench] CPU: {cpu_description()}", file=sys.stderr)
 
     folder = args.hf_dir
     if folder is None:
@@ -59,7 +62,9 @@ def main() -> int:
     n = args.new_tokens
     rows = []
     for dtype_name in args.dtypes.split(","):
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+        choice = choose(dtype_name, "cpu")
+        print(f"[bench] precision: {choice.reason}", file=sys.stderr)
+        dtype_name, dtype = choice.precision, choice.dtype
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
         ours = InferenceModel.from_hf(folder, dtype)
         for batch in (int(b) for b in args.batches.split(",")):
@@ -80,7 +85,7 @@ def main() -> int:
             rows.append((dtype_name, batch, batch * n / t_hf, batch * n / t_ours, same))
             print(f"[bench] {dtype_name} batch {batch}: transformers {batch * n / t_hf:.1f} tok/s, "
                   f"ours {batch * n / t_ours:.1f} tok/s, identical rows {same}/{batch}", file=sys.stderr)
-    print("\n| dtype | batch | transformers tok/s | ours tok/s | ratio | identical rows |\n|---|---|---|---|---|---|")
+    print(f"\nCPU: {cpu_description()}\n\n| dtype | batch | transformers tok/s | ours tok/s | ratio | identical rows |\n|---|---|---|---|---|---|")
     for dtype_name, batch, hf_tps, our_tps, same in rows:
         print(f"| {dtype_name} | {batch} | {hf_tps:.1f} | {our_tps:.1f} | {our_tps / hf_tps:.2f}x | {same}/{batch} |")
     print("\ngoal: ours >= 1.5x transformers")

@@ -152,7 +152,9 @@ def main() -> int:
                   f"{nbytes / 1e6 / seconds:6.2f} MB/s  peak {peak:6.0f} MB  {tokens} tokens", file=sys.stderr)
         rows.append((scale, docs, nbytes, results))
 
-    print("\n| corpus | run | docs/s | MB/s | peak MB | tokens |\n|---|---|---|---|---|---|")
+    from megatron_seed.platform.precision import cpu_description
+
+    print(f"\nCPU: {cpu_description()}\n\n| corpus | run | docs/s | MB/s | peak MB | tokens |\n|---|---|---|---|---|---|")
     for scale, docs, nbytes, results in rows:
         for name, (seconds, peak, tokens) in results.items():
             print(f"| x{scale} ({docs} docs) | {name} | {docs / seconds:.0f} | {nbytes / 1e6 / seconds:.2f} | "

@@ -3,9 +3,11 @@
     python bench/step_time.py [--presets tiny,llama_100m] [--steps 4] [--warmup 1]
 
 Ours: the pretraining Trainer's step (megatron-core GPTModel, local spec + SDPA, megatron DDP and
-optimizer, bf16 weights with fp32 main params, grad clipping). Reference: transformers
-``LlamaForCausalLM`` of the same shape, fp32 weights, bf16 autocast, torch AdamW, grad clipping,
-measured in the same run. Each side runs in its own subprocess so peak RSS is its own.
+optimizer, grad clipping) in the precision the policy picks for this CPU
+(megatron_seed.platform.precision: bf16 weights with fp32 main params where bf16 is native, fp32
+elsewhere; ``--precision`` overrides it for both sides). Reference: transformers
+``LlamaForCausalLM`` of the same shape, fp32 weights, bf16 autocast when the precision is bf16 (plain
+fp32 otherwise), torch AdamW, grad clipping, measured in the same run on the same CPU. Each side runs in its own subprocess so peak RSS is its own.
 Prints median step seconds, peak RSS and the ratio (reference time / our time; > 1 = we are faster).
 
 Our trainer keeps freed memory in the process on CPU (``train.cpu_reuse_freed_memory``, see
@@ -42,7 +44,7 @@ def _time_steps(step, steps: int, warmup: int) -> dict:
     return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _ours(preset: str, steps: int, warmup: int, overrides: list) -> dict:
+def _ours(preset: str, steps: int, warmup: int, overrides: list, precision: str) -> dict:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
     from megatron_seed.config import load_config
@@ -51,14 +53,16 @@ def _ours(preset: str, steps: int, warmup: int, overrides: list) -> dict:
     seq, mbs = SHAPES[preset]
     run = load_config(None, [f"train.steps={steps + warmup}", f"data.seq_length={seq}", "data.mock=true",
                              f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
-                             "train.precision=bf16", "train.run_dir=/tmp/bench_step_time",
+                             f"train.precision={precision}", "train.run_dir=/tmp/bench_step_time",
                              "train.tensorboard=false", *overrides], preset=preset)
     trainer = build_pretraining(run)
     it = trainer._iterators(0, 0)
     return _time_steps(lambda: trainer.train_step(it), steps, warmup)
 
 
-def _hf(preset: str, steps: int, warmup: int, keep_freed_memory: bool = False) -> dict:
+def _hf(preset: str, steps: int, warmup: int, precision: str, keep_freed_memory: bool = False) -> dict:
+    import contextlib
+
     import torch
 
     if keep_freed_memory:
@@ -81,7 +85,7 @@ def _hf(preset: str, steps: int, warmup: int, keep_freed_memory: bool = False) -
     tokens = torch.randint(0, m.vocab_size, (mbs, seq))
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -98,22 +102,30 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ours", default="train.compile=true",
                         help="space-separated overrides for our run (default: compile the elementwise chains)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="both sides; auto = what megatron_seed.platform.precision picks on this CPU")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from megatron_seed.platform.precision import choose, cpu_description
+
+    precision = choose(args.precision, "cpu").precision
     if args._child:
         side, preset = args._child
         if side == "ours":
-            result = _ours(preset, args.steps, args.warmup, args.ours.split())
+            result = _ours(preset, args.steps, args.warmup, args.ours.split(), precision)
         else:
-            result = _hf(preset, args.steps, args.warmup, keep_freed_memory=side == "hf_keep")
+            result = _hf(preset, args.steps, args.warmup, precision, keep_freed_memory=side == "hf_keep")
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    print(f"CPU: {cpu_description()} | precision {precision} ({choose(args.precision, 'cpu').reason})", flush=True)
+    ref_name = "HF bf16-autocast" if precision == "bf16" else "HF fp32"
     for preset in args.presets.split(","):
         results = {}
         for side in ("hf", "hf_keep", "ours"):
             out = subprocess.run([sys.executable, __file__, "--_child", side, preset, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup), "--ours", args.ours], capture_output=True, text=True, env=env)
+                                  "--warmup", str(args.warmup), "--ours", args.ours,
+                                  "--precision", precision], capture_output=True, text=True, env=env)
             line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
             if not line:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -121,11 +133,11 @@ def main() -> int:
             results[side] = json.loads(line[0][7:])
         ours, ref = results["ours"], results["hf"]
         print(f"{preset:>11}: ours {ours['median_s']:.4f} s/step, peak {ours['peak_rss_gib']:.2f} GiB | "
-              f"HF bf16-autocast {ref['median_s']:.4f} s/step, peak {ref['peak_rss_gib']:.2f} GiB | "
+              f"{ref_name} {ref['median_s']:.4f} s/step, peak {ref['peak_rss_gib']:.2f} GiB | "
               f"speed-up {ref['median_s'] / ours['median_s']:.2f}x | memory ratio "
               f"{ours['peak_rss_gib'] / ref['peak_rss_gib']:.2f}", flush=True)
         keep = results["hf_keep"]
-        print(f"{'':>11}  (HF bf16-autocast with the same allocator policy: {keep['median_s']:.4f} s/step, "
+        print(f"{'':>11}  ({ref_name} with the same allocator policy: {keep['median_s']:.4f} s/step, "
               f"peak {keep['peak_rss_gib']:.2f} GiB | speed-up {keep['median_s'] / ours['median_s']:.2f}x)",
               flush=True)
     return 0

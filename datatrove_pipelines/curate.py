@@ -26,6 +26,9 @@ datatrove's Slurm/Ray executors and are **not exercised by the test suite**.
 
 ``OUTPUT/stats.json`` reconciles documents: files read = kept + dropped per stage and reason;
 ``OUTPUT/score_histogram.png`` shows the score distribution and the cut.
+
+The command line runs in its own process group (``run_cli_in_own_group``): Ctrl-C, SIGTERM, a
+failure or the end of the run also ends datatrove's pool workers, forkserver and Manager.
 """
 
 from __future__ import annotations
@@ -310,6 +313,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.drop_fraction < 1:
         raise SystemExit("--drop-fraction must be in [0, 1)")
+    from megatron_seed.platform.processes import run_cli_in_own_group
+
+    code = run_cli_in_own_group("datatrove_pipelines.curate", argv)
+    if code is not None:  # this process supervised the run, which is over with its whole group
+        return code
     stats = run(args)
     return 0 if stats["reconciles"] else 1
 

@@ -72,14 +72,14 @@ class EndpointOracle:
 
 class LocalOracle:
     def __init__(self, hf_dir: str, max_new_tokens: int = 96, max_prompt_tokens: int = 1536, batch_size: int = 4,
-                 dtype: str = "bf16"):
-        import torch
+                 dtype: str = "auto"):
         from transformers import AutoTokenizer
 
         from megatron_seed.inference.engine import InferenceModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        self.model = InferenceModel.from_hf(hf_dir, torch.bfloat16 if dtype == "bf16" else torch.float32)
+        # auto: bf16 where the hardware runs it natively, fp32 elsewhere (platform.precision)
+        self.model = InferenceModel.from_hf(hf_dir, dtype)
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.batch_size = batch_size

@@ -32,6 +32,20 @@ def _device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _autocast(device):
+    """bf16 autocast where the hardware runs bf16 natively; plain fp32 elsewhere (an AVX2-only CPU
+    emulates bf16 ~400x slower than fp32: megatron_seed.platform.precision)."""
+    import contextlib
+
+    import torch
+
+    from megatron_seed.platform.precision import resolve
+
+    if resolve("auto", device.type) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int = 1, lr: float = 1e-4,
                  batch_size: int = 4, max_tokens: int = 512, holdout: float = 0.2, seed: int = 0,
                  log=lambda s: print(f"[scorer] {s}", file=sys.stderr, flush=True)) -> dict:
@@ -74,7 +88,7 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
             enc = tokenizer([r["text"] for r in batch], truncation=True, max_length=max_tokens, padding=True,
                             return_tensors="pt").to(device)
             target = torch.tensor([r["rating"] / 10.0 - offset for r in batch], device=device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with _autocast(device):
                 pred = model(**enc).logits.squeeze(-1)
             loss = torch.nn.functional.mse_loss(pred.float(), target)
             loss.backward()
@@ -119,7 +133,7 @@ def score_texts(scorer_dir: str, texts: list[str], batch_size: int = 16, max_tok
             idx = order[lo:lo + batch_size]
             enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_tokens, padding=True,
                             return_tensors="pt").to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with _autocast(device):
                 pred = model(**enc).logits.squeeze(-1).float() + getattr(model.config, "label_offset", 0.0)
             out[idx] = (pred.clamp(0, 1) * 10).cpu().numpy()
     return out

@@ -17,6 +17,11 @@
               A 30-step tiny model scores 0: the point is the path, not the number.
 
 Each stage prints what it did; the run directory holds everything.
+
+The stages start processes (datatrove workers, preprocessing pools, checkpoint writers, the
+sandbox), so the demo runs in its own process group under a supervising process
+(``run_cli_in_own_group``): Ctrl-C, SIGTERM/SIGHUP, a failure or the end of the demo ends the whole
+group, and a ``kill -9`` of the supervisor makes the group end itself.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ def main(argv=None) -> int:
     parser.add_argument("--humaneval-problems", type=int, default=16, help="HumanEval problems to evaluate on")
     parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
+    from megatron_seed.platform.processes import run_cli_in_own_group
+
+    code = run_cli_in_own_group("megatron_seed.demo", argv)
+    if code is not None:  # this process supervised the demo, which is over with its whole group
+        return code
     out = Path(args.out)
     data = out / "data"
 

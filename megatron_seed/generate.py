@@ -1,7 +1,7 @@
 """Generate from a megatron-seed checkpoint (saved at any TP/PP) in one CPU process.
 
     python -m megatron_seed.generate --load DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N]
-        [--temperature T] [--top-p P] [--greedy] [--dtype bf16|fp32] [--seed S]
+        [--temperature T] [--top-p P] [--greedy] [--dtype auto|bf16|fp32] [--seed S]
 
 The tokenizer comes from the checkpoint directory. Only the continuation goes to stdout (one
 block per prompt, separated by a blank line when there are several); logs go to stderr.
@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 
-import torch
 
 
 def main(argv=None) -> int:
@@ -26,7 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--greedy", action="store_true")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 where the hardware runs it natively, fp32 elsewhere")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -41,9 +41,9 @@ def main(argv=None) -> int:
         return 1
     t0 = time.time()
     tokenizer = load_tokenizer(spec)
-    model = InferenceModel.from_checkpoint(args.load, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    model = InferenceModel.from_checkpoint(args.load, args.dtype)
     print(f"[generate] loaded {args.load}: {model.config.num_layers} layers, vocab {model.config.vocab_size}, "
-          f"{args.dtype}, in {time.time() - t0:.1f} s", file=sys.stderr)
+          f"{str(model.dtype).removeprefix('torch.')}, in {time.time() - t0:.1f} s", file=sys.stderr)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     t0 = time.time()
     outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,

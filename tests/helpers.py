@@ -1,4 +1,8 @@
-"""Run the real entry points in subprocesses (1 process, 2-process torchrun, 2-rank mpirun)."""
+"""Run the real entry points in subprocesses (1 process, 2-process torchrun, 2-rank mpirun).
+
+Every run goes through ``run_process_group``: on a timeout (or Ctrl-C of pytest) the whole process
+group ends, torchrun workers and multiprocessing helpers included, not just the direct child.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,18 +31,32 @@ def subprocess_env() -> dict:
     return env
 
 
+def run_cli(cmd: list, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+    timeout=timeout)`` that ends the command's whole process group on timeout and failure."""
+    from megatron_seed.platform.processes import run_process_group
+
+    kwargs = {"cwd": ROOT, "env": subprocess_env(), "capture_output": True, "text": True, **kwargs}
+    return run_process_group(cmd, timeout=timeout, **kwargs)
+
+
+def pretrain_cmd(run_dir: Path, *overrides: str, nproc: int = 1, launcher: Optional[str] = None) -> list:
+    """The pretraining command line; launcher None: a plain process for 1 rank, torchrun for more."""
+    args = [f"train.run_dir={run_dir}", "train.tensorboard=false", *overrides]
+    launcher = launcher or ("python" if nproc == 1 else "torchrun")
+    if launcher == "python":
+        return [sys.executable, "-m", "megatron_seed.pretrain", *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}", "-m", "megatron_seed.pretrain", *args]
+    return ["mpirun", "-np", str(nproc), "--oversubscribe", "--allow-run-as-root",
+            sys.executable, "-m", "megatron_seed.pretrain", *args]
+
+
 def run_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, launcher: str = "torchrun",
                  check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    args = [f"train.run_dir={run_dir}", "train.tensorboard=false", *overrides]
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "megatron_seed.pretrain", *args]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "megatron_seed.pretrain", *args]
-    else:
-        cmd = ["mpirun", "-np", str(nproc), "--oversubscribe", "--allow-run-as-root",
-               sys.executable, "-m", "megatron_seed.pretrain", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    cmd = pretrain_cmd(run_dir, *overrides, nproc=nproc, launcher=launcher if nproc > 1 else None)
+    proc = run_cli(cmd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

@@ -4,7 +4,6 @@ logits, losses after training in our stack, bitwise round trips through TP=2 x P
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 
 from megatron_seed.convert.hf_checkpoint import hf_to_mcore, mcore_to_hf
 
-from helpers import ROOT, run_pretrain, subprocess_env
+from helpers import run_cli, run_pretrain
 
 CONFIGS = {  # name -> (heads, kv heads, hidden, tied)
     "gqa_untied": (4, 2, 64, False),
@@ -100,9 +99,8 @@ def test_trained_in_our_stack_then_exported_the_hf_loss_equals_ours(tmp_path):
 def test_round_trip_through_a_tp2_pp2_run_is_bitwise(tmp_path):
     heads, kv, hidden, tied = CONFIGS["gqa_untied"]
     make_hf(tmp_path / "hf", heads, kv, hidden, tied, layers=4)
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-mcore", "--input",
-                           str(tmp_path / "hf"), "--output", str(tmp_path / "ours"), "--tp", "2", "--pp", "2"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "tools/convert_checkpoint.py", "hf-to-mcore", "--input",
+                           str(tmp_path / "hf"), "--output", str(tmp_path / "ours"), "--tp", "2", "--pp", "2"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # One step at learning rate 0 on 4 processes re-saves the weights from a TP=2 x PP=2 layout.
     run_pretrain(tmp_path / "run", "--preset", "tiny", "model.num_layers=4", f"model.hidden_size={hidden}",
@@ -114,9 +112,8 @@ def test_round_trip_through_a_tp2_pp2_run_is_bitwise(tmp_path):
                  nproc=4, timeout=600)
     common = json.loads((tmp_path / "tp2pp2" / "iter_0000001" / "metadata.json").read_text())
     assert common["sharded_backend"] == "torch_dist"
-    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--input",
-                           str(tmp_path / "tp2pp2"), "--output", str(tmp_path / "back")],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "tools/convert_checkpoint.py", "mcore-to-hf", "--input",
+                           str(tmp_path / "tp2pp2"), "--output", str(tmp_path / "back")], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     original, back = safetensors(tmp_path / "hf"), safetensors(tmp_path / "back")
     assert sorted(original) == sorted(back)
@@ -132,9 +129,8 @@ def test_unsupported_models_and_bad_layouts_fail_with_reasons(tmp_path):
 
     def convert(cfg, *extra):
         (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-        return subprocess.run([sys.executable, "tools/convert_checkpoint.py", "hf-to-mcore", "--input",
-                               str(tmp_path / "hf"), "--output", str(tmp_path / "out"), *extra],
-                              cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        return run_cli([sys.executable, "tools/convert_checkpoint.py", "hf-to-mcore", "--input",
+                               str(tmp_path / "hf"), "--output", str(tmp_path / "out"), *extra], timeout=300)
 
     proc = convert({**config, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]})
     assert proc.returncode == 1 and "not supported" in proc.stderr and "Llama" in proc.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from curation_fixtures import GOOD, make_corpus, make_tiny_chat_model
-from helpers import ROOT, subprocess_env
+from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +22,9 @@ def tiny_model(tmp_path_factory):
 
 
 def curate(corpus: Path, out: Path, model: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "datatrove_pipelines.curate", "--input", str(corpus), "--output",
+    return run_cli([sys.executable, "-m", "datatrove_pipelines.curate", "--input", str(corpus), "--output",
                            str(out), "--tasks", "2", "--workers", "2", "--oracle", str(model), "--oracle-sample", "20",
-                           "--scorer-base", str(model), "--max-tokens", "128", "--vocab-size", "400", "--parquet"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                           "--scorer-base", str(model), "--max-tokens", "128", "--vocab-size", "400", "--parquet"], timeout=600)
 
 
 def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):

@@ -3,13 +3,15 @@ Transformer Engine defines it, and the selection/config plumbing of the Transfor
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from megatron_seed.config.schema import ModelConfig, ParallelConfig, TrainConfig
 from megatron_seed.models import fp8, gpt
 
-from helpers import losses, run_pretrain
+from helpers import assert_losses_close, losses, run_pretrain
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -78,3 +80,85 @@ def test_transformer_engine_selection_and_fp8_recipe_in_the_config(monkeypatch):
     monkeypatch.setattr(gpt, "transformer_engine_available", lambda: False)
     local = gpt.build_transformer_config(model, ParallelConfig(), TrainConfig(precision="bf16", fp8="hybrid"))
     assert local.fp8 is None  # the local path gets the emulation instead of TE's FP8
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_fp8_emulated_run_resumes_exactly(tmp_path, precision):
+    """The amax histories are model state: a resumed run scales its first FP8 GEMMs as the
+    uninterrupted run does (with fresh histories step 3 would quantize with scale 1)."""
+    full, resumed, ckpt = (tmp_path / n for n in ("full", "resumed", "ckpt"))
+    opts = ("train.steps=4", f"train.precision={precision}", "train.fp8=hybrid")
+    # Saving does not change a run's losses (test_checkpoint), so the straight run also saves.
+    run_pretrain(full, *opts, f"train.save={ckpt}", "train.save_interval=2")
+    run_pretrain(resumed, *opts, f"train.load={ckpt}/iter_0000002")
+    want = losses(full)
+    assert_losses_close(losses(resumed), {3: want[3], 4: want[4]}, atol=0.0)
+
+
+def test_fp8_tp2_histories_are_per_rank_and_resume_exactly(tmp_path):
+    """At TP=2 each rank's histories differ (its own weight shard, its own half of the row-parallel
+    inputs): both ranks' histories are saved and each rank gets its own back. The same checkpoint
+    also loads at TP=1 (histories merged by max)."""
+    full, resumed, tp1, ckpt = (tmp_path / n for n in ("full", "resumed", "tp1", "ckpt"))
+    opts = ("train.steps=4", "train.precision=fp32", "train.fp8=hybrid", "parallel.tensor=2")
+    run_pretrain(full, *opts, f"train.save={ckpt}", "train.save_interval=2", nproc=2)
+    run_pretrain(resumed, *opts, f"train.load={ckpt}/iter_0000002", nproc=2)
+    want = losses(full)
+    assert_losses_close(losses(resumed), {3: want[3], 4: want[4]}, atol=0.0)
+    run_pretrain(tp1, "train.steps=3", "train.precision=fp32", "train.fp8=hybrid", f"train.load={ckpt}/iter_0000002")
+    assert abs(losses(tp1)[3] - want[3]) < 1e-2
+
+
+def _emulated(recipe=None):
+    """An emulated layer around a plain fp32/bf16 GEMM (what megatron's _forward_impl computes
+    at TP=1 for these arguments)."""
+    layer = types.SimpleNamespace(_forward_impl=lambda x, w, *a, **k: x @ w.t())
+    return fp8.Fp8LinearEmulation(layer, recipe or fp8.Fp8Recipe())
+
+
+def test_fp8_emulation_quantizes_around_an_fp32_gemm():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8, 32, generator=g) * 3).requires_grad_(True)
+    w = (torch.randn(16, 32, generator=g) * 0.05).requires_grad_(True)
+    dy = torch.randn(8, 16, generator=g) * 1e-3
+    emulation = _emulated()
+    scales = []
+    for _ in range(2):  # step 1 runs at scale 1 (no history), step 2 at the recorded amax
+        scales.append((emulation.input.scale(), emulation.weight.scale(), emulation.grad.scale()))
+        x.grad = w.grad = None
+        y = emulation(x, w)
+        y.backward(dy)
+    assert scales[0] == (1.0, 1.0, 1.0)
+    s_x, s_w, s_g = scales[1]
+    assert s_x == pytest.approx(448 / x.abs().max().item()) and s_g == pytest.approx(57344 / dy.abs().max().item())
+    xq, wq = fp8.quantize_dequantize(x.detach(), E4M3, s_x), fp8.quantize_dequantize(w.detach(), E4M3, s_w)
+    gq = fp8.quantize_dequantize(dy, E5M2, s_g)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, xq @ wq.t(), atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, gq @ wq, atol=0, rtol=0)
+    torch.testing.assert_close(w.grad, gq.t() @ xq, atol=0, rtol=0)
+    assert (y - x @ w.t()).abs().max() > 1e-3 and (gq - dy).abs().max() > 0  # really quantized
+    # the quantization itself is fp32 math whatever the run precision: bf16 gives the same FP8
+    # values, rounded to bf16 once at the end
+    xb = x.detach().bfloat16()
+    torch.testing.assert_close(fp8.quantize_dequantize(xb, E4M3, s_x),
+                               fp8.quantize_dequantize(xb.float(), E4M3, s_x).bfloat16(), atol=0, rtol=0)
+
+
+def test_fp8_extra_state_round_trip_and_layout_change():
+    recipe = fp8.Fp8Recipe(amax_history_len=2, amax_compute_algo="max")
+    a = _emulated(recipe)
+    a.input.history, a.weight.history, a.grad.history = [1.0, 2.0], [0.5, 0.25], [1e-3, 2e-3]
+    b = _emulated(recipe)
+    b.set_extra_state(a.get_extra_state())
+    assert b.histories() == a.histories() and b.input.scale() == a.input.scale()
+    b.set_extra_state(None)  # a checkpoint from a run without FP8: histories stay as they are
+    assert b.histories() == a.histories()
+    # saved at TP=2: both ranks' entries; loaded on one rank, the max over them, most recent aligned
+    saved = {"format": fp8.EXTRA_STATE_FORMAT, "layout": [2, 1], "ranks": [
+        {"tp_rank": 0, "dp_rank": 0, "input": [1.0, 4.0], "weight": [3.0, 1.0], "grad": [9.0]},
+        {"tp_rank": 1, "dp_rank": 0, "input": [2.0, 3.0], "weight": [1.0, 2.0], "grad": [7.0, 8.0]}]}
+    b.set_extra_state(saved)
+    assert b.histories() == {"input": [2.0, 4.0], "weight": [3.0, 2.0], "grad": [7.0, 9.0]}
+    with pytest.raises(ValueError, match="format"):
+        b.set_extra_state({"format": "other/9"})

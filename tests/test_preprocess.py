@@ -15,7 +15,7 @@ from megatron_seed.data import fim, stdlib_corpus, tokenizer_training
 from megatron_seed.data.indexed import IndexedReader, IndexedWriter
 from megatron_seed.data.tokenizer import load_tokenizer
 
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, run_cli, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,7 @@ def corpus(tmp_path_factory):
 
 
 def preprocess(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "tools/preprocess_data.py", "--log-interval", "0", *args], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = run_cli([sys.executable, "tools/preprocess_data.py", "--log-interval", "0", *args], timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import ROOT, subprocess_env, assert_losses_close, losses, run_pretrain
+from helpers import assert_losses_close, losses, run_cli, run_pretrain
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -13,14 +13,13 @@ def test_activation_recompute_does_not_change_losses(tmp_path, mode):
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):
-    import subprocess
     import sys
 
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "megatron_seed.demo", "--out", str(out), "--max-files", "80",
-                           "--site-packages-files", "20", "--oracle-sample", "8", "train.steps=20",
-                           "train.tensorboard=false"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    # run_cli: on timeout the demo's whole process group ends, not only the demo process.
+    proc = run_cli([sys.executable, "-m", "megatron_seed.demo", "--out", str(out), "--max-files", "80",
+                    "--site-packages-files", "20", "--oracle-sample", "8", "train.steps=20",
+                    "train.tensorboard=false"], timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Curation: the counts reconcile, the oracle labelled, the scorer trained, 10% were dropped.
     stats = json.loads((out / "curation" / "stats.json").read_text())

@@ -3,14 +3,22 @@ host keeps working. Runs as the CI user (root here: per-run uids, namespaces).""
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import math
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import textwrap
 import threading
+import time
 
+import psutil
 import pytest
 
 from megatron_seed.evaluate.code import evaluate, load_problems, pass_at_k
@@ -212,3 +220,109 @@ def test_remote_sandbox_service():
         finally:
             server.shutdown()
     assert RemoteSandbox("http://127.0.0.1:9", timeout=2).run("print(1)").status == "sandbox_error"
+
+
+# A process that owns Sandboxes with runs in flight: the zygote (started by a run_many worker
+# thread that has exited since), a fast-path run (reaper + program forked by the zygote) and an
+# exec-path run (launcher/reaper + program), both sleeping far beyond the test.
+SANDBOX_OWNER = textwrap.dedent("""
+    import sys, threading, time
+    sys.path.insert(0, ROOT)
+    from megatron_seed.sandbox import Limits, Sandbox
+    fast, slow = Sandbox(max_workers=2), Sandbox(max_workers=1, python_fast_path=False)
+    assert [r.status for r in fast.run_many([{"code": "print(1)"}])] == ["passed"]
+    zygote = fast._zygote.pid
+    time.sleep(0.3)  # the worker thread that started the zygote is gone: the zygote must not be
+    assert fast.run("print(2)").stdout == "2\\n" and fast._zygote.pid == zygote, "zygote restarted"
+    long = Limits(wall_seconds=300, cpu_seconds=60)
+    for box in (fast, slow):
+        threading.Thread(target=box.run, args=("import time; time.sleep(300)",), kwargs={"limits": long},
+                         daemon=True).start()
+    print("ready", flush=True)
+    time.sleep(300)
+""")
+
+
+def _kill_and_expect_no_descendants(proc: subprocess.Popen, expected: int) -> None:
+    """Wait until ``proc`` has at least ``expected`` descendants, SIGKILL it, and assert that
+    every one of them is gone within a few seconds (zombies count as gone: PID 1 here may not
+    reap the orphans)."""
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 30
+    while len(parent.children(recursive=True)) < expected:
+        assert time.monotonic() < deadline, f"{parent.children(recursive=True)} (expected {expected})"
+        time.sleep(0.05)
+    descendants = parent.children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    def alive():
+        left = []
+        for p in descendants:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{p.pid} {p.cmdline()[:4]}")
+            except psutil.Error:  # gone, or turned zombie (cmdline raises) between the two calls
+                pass
+        return left
+
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = alive()
+    for p in descendants:  # on failure, do not leave the orphans running behind the test
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    assert left == []
+
+
+def _kill_and_clean(proc: subprocess.Popen) -> None:
+    """The killed process could not remove its Sandboxes' directories: remove them here."""
+    proc.kill()
+    proc.wait()
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"megatron_seed_sandbox_{proc.pid}_*")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_nothing_outlives_a_killed_sandbox_owner():
+    proc = subprocess.Popen([sys.executable, "-c", f"ROOT = {str(ROOT)!r}\n" + SANDBOX_OWNER], cwd=ROOT,
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line == "ready\n", proc.stderr.read() if proc.poll() is not None else line
+        # zygote, its run's reaper and program; the exec path's launcher/reaper and program
+        _kill_and_expect_no_descendants(proc, expected=5)
+    finally:
+        _kill_and_clean(proc)
+
+
+def test_nothing_outlives_a_killed_sandbox_service():
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_seed.sandbox.remote", "--port", "0", "--workers", "1"],
+                            cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert "serving on" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
+        remote = RemoteSandbox(line.split()[-1], timeout=60)
+        assert remote.run("print(1)").status == "passed"  # the zygote exists from here on
+        # A run in flight when the service dies; its request fails then, which is expected.
+        threading.Thread(target=remote.run, args=("import time; time.sleep(300)",),
+                         kwargs={"limits": Limits(wall_seconds=300, cpu_seconds=60)}, daemon=True).start()
+        _kill_and_expect_no_descendants(proc, expected=3)  # zygote, run's reaper, program
+    finally:
+        _kill_and_clean(proc)
+
+
+def test_sandbox_bench_reports_runs_that_did_not_pass():
+    """bench/sandbox.py stops (exit 1) with this report instead of printing "0/164" as a rate."""
+    spec = importlib.util.spec_from_file_location("bench_sandbox", ROOT / "bench" / "sandbox.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.failure_report("ours", [("HumanEval/0", "passed", ""), ("HumanEval/1", "passed", "")]) == ""
+    report = bench.failure_report("ours", [("HumanEval/0", "passed", ""),
+                                           ("HumanEval/1", "sandbox_error", "could not execute /tmp/v/bin/python\n"),
+                                           ("HumanEval/2", "sandbox_error", "same"), ("HumanEval/3", "timeout", "")])
+    assert report.startswith("[bench] FAILED: ours: 1/4 canonical HumanEval solutions passed")
+    assert "sandbox_error: 2, passed: 1, timeout: 1" in report
+    assert report.endswith("first failure HumanEval/1 (sandbox_error): could not execute /tmp/v/bin/python")

@@ -168,8 +168,11 @@ class TrainConfig:
     micro_batch_size: int = 2
     global_batch_size: int = 4
     seed: int = 1234
-    precision: Literal["fp32", "bf16"] = "bf16"
-    # FP8 via Transformer Engine recipes (GPU only): null, "hybrid" or "e4m3".
+    # auto: bf16 where the hardware computes it natively (CUDA, CPUs with AVX512-BF16/AMX), fp32
+    # elsewhere; resolved at start-up by megatron_seed.platform.precision and logged.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # FP8: Transformer Engine recipes on GPU, emulated on CPU (megatron_seed.models.fp8):
+    # null, "hybrid" or "e4m3".
     fp8: Optional[Literal["hybrid", "e4m3"]] = None
     recompute: Literal["none", "full", "selective"] = "none"
     # torch.compile the elementwise chains (RMSNorm, SwiGLU) of the local spec; ~20 s of compile
@@ -192,7 +195,7 @@ class TrainConfig:
         _require(self.steps >= 0, "train.steps must be >= 0")
         _require(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
         _require(self.global_batch_size >= 1, "train.global_batch_size must be >= 1")
-        _require(self.precision in ("fp32", "bf16"), "train.precision must be 'fp32' or 'bf16'")
+        _require(self.precision in ("auto", "fp32", "bf16"), "train.precision must be 'auto', 'fp32' or 'bf16'")
         _require(self.recompute in ("none", "full", "selective"),
                  "train.recompute must be none, full or selective")
         _require(self.fp8 in (None, "hybrid", "e4m3"), "train.fp8 must be null, 'hybrid' or 'e4m3'")
@@ -245,7 +248,8 @@ class RunConfig:
         _require(self.data.seq_length <= m.max_position_embeddings,
                  f"data.seq_length ({self.data.seq_length}) exceeds model.max_position_embeddings "
                  f"({m.max_position_embeddings})")
-        _require(t.fp8 is None or t.precision == "bf16", "train.fp8 needs train.precision=bf16")
+        # On GPU Transformer Engine's FP8 needs bf16 (checked once the precision is resolved, in
+        # megatron_seed.training.build); the CPU emulation works in either precision.
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from megatron_seed.config.schema import ModelConfig
+from megatron_seed.platform.precision import resolve_dtype
 
 
 @dataclass
@@ -44,7 +45,9 @@ class KVCache:
 
 
 class InferenceModel:
-    def __init__(self, model: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, model: ModelConfig, weights: dict[str, torch.Tensor], dtype: Union[torch.dtype, str] = "auto"):
+        # "auto": bf16 where the hardware runs it natively, fp32 elsewhere (platform.precision).
+        dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype)
         self.config, self.dtype = model, dtype
 
         def w(name):
@@ -97,7 +100,7 @@ class InferenceModel:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, root: str, dtype: torch.dtype = torch.bfloat16) -> "InferenceModel":
+    def from_checkpoint(cls, root: str, dtype: Union[torch.dtype, str] = "auto") -> "InferenceModel":
         from megatron_seed.convert.checkpoint_io import CheckpointReader
         from megatron_seed.convert.hf_llama import to_hf
 
@@ -105,7 +108,7 @@ class InferenceModel:
         return cls(reader.model, dict(reader.iter_hf_tensors(to_hf)), dtype)
 
     @classmethod
-    def from_hf(cls, folder: str, dtype: torch.dtype = torch.bfloat16) -> "InferenceModel":
+    def from_hf(cls, folder: str, dtype: Union[torch.dtype, str] = "auto") -> "InferenceModel":
         from megatron_seed.convert.hf_checkpoint import SafetensorsSource
         from megatron_seed.convert.hf_llama import model_config_from_hf
 

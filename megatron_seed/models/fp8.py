@@ -13,14 +13,23 @@ E4M3 and dequantized, and the gradient arriving at each GEMM output is quantized
     scale = fp8_max / amax / 2**margin,  amax from the last ``amax_history_len`` steps
     ("max" of the history, or the "most_recent" entry); 1.0 before any history exists.
 
-The matmul itself runs on the dequantized values in higher precision, which is what an FP8 GEMM
-with fp32 accumulation computes (checked against ``torch._scaled_mm`` in the tests). It is for
-studying numerics (loss curves, overflow, margins) on any machine, not for speed: torch has no
-fast FP8 kernels on CPU.
+The matmul itself runs on the dequantized values in the run's precision (bf16 or fp32: the
+quantization is computed in fp32 either way), which is what an FP8 GEMM with fp32 accumulation
+computes (checked against ``torch._scaled_mm`` in the tests). It is for studying numerics (loss
+curves, overflow, margins) on any machine, not for speed: torch has no fast FP8 kernels on CPU.
+
+The amax histories are model state: each emulated layer keeps them in its ``_extra_state``, which
+megatron-core's ``sharded_state_dict`` saves as a ShardedObject, so a run resumes with the scales
+it stopped with. Histories differ per tensor/data-parallel rank (each sees its own weight shard
+and micro-batches); each layer's object holds every rank's histories (gathered when the sharded
+state dict is built) under one layout-independent key. A rank loading at the same layout takes its
+own; at another layout each rank takes the element-wise max over the saved ranks, which is the
+amax a TP/DP-reduced history (as Transformer Engine keeps) would have had.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -116,11 +125,38 @@ class _QuantizeBackward(torch.autograd.Function):
         return out, None
 
 
+ROLES = ("input", "weight", "grad")
+EXTRA_STATE_FORMAT = "megatron_seed.fp8_emulation/1"
+
+
+def _parallel_place() -> tuple[tuple[int, int], tuple[int, int]]:
+    """((tp size, dp size), (tp rank, dp rank)) of this process; context parallel counts as data
+    parallel (its ranks see different tokens)."""
+    from megatron.core import parallel_state as ps
+
+    if not (torch.distributed.is_initialized() and ps.model_parallel_is_initialized()):
+        return (1, 1), (0, 0)
+    return ((ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size(with_context_parallel=True)),
+            (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True)))
+
+
+def _merge_histories(entries: list[dict]) -> dict[str, list]:
+    """Element-wise max of several ranks' histories, aligned at the most recent entry."""
+    merged = {}
+    for role in ROLES:
+        histories = [e[role] for e in entries if e[role]]
+        n = max((len(h) for h in histories), default=0)
+        merged[role] = [max(h[i - n] for h in histories if i - n >= -len(h)) for i in range(n)]
+    return merged
+
+
 class Fp8LinearEmulation:
-    """Replaces a megatron-core linear layer's ``_forward_impl`` with its FP8-emulated version."""
+    """Replaces a megatron-core linear layer's ``_forward_impl`` with its FP8-emulated version and
+    keeps the layer's delayed-scaling state (see :func:`enable_fp8_emulation`)."""
 
     def __init__(self, module, recipe: Fp8Recipe):
         self.inner = module._forward_impl
+        self.recipe = recipe
         self.input = ScalingState(FORMATS["e4m3"], recipe)
         self.weight = ScalingState(FORMATS["e4m3"], recipe)
         self.grad = ScalingState(recipe.grad_dtype, recipe)
@@ -134,6 +170,53 @@ class Fp8LinearEmulation:
                          *args, **kwargs)
         return _QuantizeBackward.apply(out, self.grad)
 
+    # ---------------------------------------------------------------- checkpoint state
+    def histories(self) -> dict[str, list]:
+        return {role: list(getattr(self, role).history) for role in ROLES}
+
+    def _extra_state(self, entries: list[dict]) -> dict:
+        layout, _ = _parallel_place()
+        return {"format": EXTRA_STATE_FORMAT, "layout": list(layout), "ranks": entries}
+
+    def get_extra_state(self) -> dict:
+        """This rank's histories (a plain ``state_dict()``: no collective)."""
+        _, (tp_rank, dp_rank) = _parallel_place()
+        return self._extra_state([{"tp_rank": tp_rank, "dp_rank": dp_rank, **self.histories()}])
+
+    def gathered_extra_state(self) -> dict:
+        """Every tensor/data-parallel rank's histories; a collective over that group."""
+        from megatron.core import parallel_state as ps
+
+        local = self.get_extra_state()
+        layout = local["layout"]
+        if layout[0] * layout[1] == 1:
+            return local
+        gathered = [None] * (layout[0] * layout[1])
+        torch.distributed.all_gather_object(
+            gathered, local["ranks"][0], group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        return self._extra_state(sorted(gathered, key=lambda e: (e["dp_rank"], e["tp_rank"])))
+
+    def set_extra_state(self, state) -> None:
+        if state is None:  # a checkpoint saved without FP8 emulation: megatron's load hook gives None
+            return
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        if found != EXTRA_STATE_FORMAT:
+            raise ValueError(f"FP8 emulation state in checkpoint has format {found!r}; this version reads "
+                             f"{EXTRA_STATE_FORMAT!r} (load without train.fp8, or with a matching megatron-seed)")
+        layout, (tp_rank, dp_rank) = _parallel_place()
+        own = [e for e in state["ranks"] if (e["tp_rank"], e["dp_rank"]) == (tp_rank, dp_rank)]
+        histories = own[0] if tuple(state["layout"]) == layout and own else _merge_histories(state["ranks"])
+        for role in ROLES:
+            getattr(self, role).history = [float(v) for v in histories[role]][-self.recipe.amax_history_len:]
+
+
+def _sharded_state_dict(module, emulation: Fp8LinearEmulation, prefix="", sharded_offsets=(), metadata=None):
+    """The layer's own sharded state dict, with every rank's FP8 histories in its ``_extra_state``
+    object (saved once, by the main replica, under the layer's key)."""
+    sharded = type(module).sharded_state_dict(module, prefix, sharded_offsets, metadata)
+    sharded[f"{prefix}_extra_state"].data = emulation.gathered_extra_state()
+    return sharded
+
 
 def enable_fp8_emulation(chunks: list, recipe: Optional[Fp8Recipe] = None) -> int:
     """Emulate FP8 in every megatron-core Column/RowParallelLinear of the model chunks (the
@@ -146,6 +229,15 @@ def enable_fp8_emulation(chunks: list, recipe: Optional[Fp8Recipe] = None) -> in
     for chunk in chunks:
         for name, module in chunk.named_modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not name.endswith("output_layer"):
-                module._forward_impl = Fp8LinearEmulation(module, recipe)
+                # torch writes/reads ``_extra_state`` only for classes that define the hooks; the
+                # instance attributes below take effect through them.
+                if type(module).get_extra_state is torch.nn.Module.get_extra_state:
+                    raise RuntimeError(f"{type(module).__qualname__} ({name}) has no extra-state hooks: the "
+                                       "FP8 amax histories would be missing from checkpoints")
+                emulation = Fp8LinearEmulation(module, recipe)
+                module._forward_impl = emulation
+                module.get_extra_state = emulation.get_extra_state
+                module.set_extra_state = emulation.set_extra_state
+                module.sharded_state_dict = functools.partial(_sharded_state_dict, module, emulation)
                 count += 1
     return count

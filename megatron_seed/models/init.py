@@ -42,15 +42,27 @@ def _full_tensor(key: str, shape, seed_key: str, seed: int, std: float, num_laye
     return torch.randn(shape, generator=g) * std
 
 
+def _memory_region(t: torch.Tensor) -> tuple:
+    """What a view covers: its storage, where it starts, its shape and strides."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
 @torch.no_grad()
 def init_parameters(chunks: list, seed: int, std: float, num_layers: int) -> None:
     """Overwrite every parameter of every chunk with its layout-independent value."""
+    # A tensor reachable twice (a tied embedding held by the first and last stage of one rank) is
+    # written once. It is recognised by the memory it covers, never by ``id()``: megatron-core's
+    # ShardedTensorFactory (SwiGLU's gate/up halves of ``linear_fc1``) builds temporary views
+    # whose ids CPython reuses once the previous chunk's state dict is freed, and an id-based
+    # check skipped a half of the second virtual-pipeline chunk's fc1 weight now and then,
+    # leaving it uninitialised (an intermittent PP2+VPP2 parity failure).
     seen = set()
     for chunk in chunks:
         for sh in _iter_sharded_tensors(chunk.sharded_state_dict()):
             if sh.data is None or not sh.data.is_floating_point() or "_extra_state" in sh.key:
                 continue
-            if id(sh.data) in seen and sh.replica_id:
+            region = _memory_region(sh.data)
+            if region in seen:
                 continue
             # Leading "prepended" axes index layers (and expert/SwiGLU halves): they select which
             # tensor this is, so they go into the seed; only the remaining axes are generated.
@@ -59,4 +71,4 @@ def init_parameters(chunks: list, seed: int, std: float, num_layers: int) -> Non
             full = _full_tensor(sh.key, sh.global_shape[k:], seed_key, seed, std, num_layers)
             index = tuple(slice(off, off + size) for off, size in zip(sh.global_offset[k:], sh.local_shape))
             sh.data.copy_(full[index].reshape(sh.data.shape).to(sh.data.dtype))
-            seen.add(id(sh.data))
+            seen.add(region)

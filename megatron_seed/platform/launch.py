@@ -5,6 +5,10 @@ MPICH/Hydra, Intel MPI, MVAPICH) or a bare ``srun`` the launcher's own variables
 translated, so clusters without torchrun work. The rendezvous address is MASTER_ADDR when set;
 otherwise, under MPI with mpi4py installed, rank 0's host name is broadcast; otherwise localhost
 (single node).
+
+Under torchrun, a worker dies with its agent: torch elastic starts workers in their own sessions
+and sets no PDEATHSIG, so a ``kill -9`` of torchrun used to leave them (and their checkpoint
+helpers) running. ``detect()`` with the real environment binds the worker to its parent first.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class LaunchEnv:
 
 
 def detect(environ=None) -> LaunchEnv:
+    if environ is None:
+        _die_with_torchrun_agent()
     env = os.environ if environ is None else environ
     for name, rank_var, size_var, local_var in _LAUNCHERS:
         if rank_var in env and size_var in env:
@@ -51,6 +57,25 @@ def detect(environ=None) -> LaunchEnv:
     # One process on its own: any free port, so concurrent jobs on a machine never collide.
     return LaunchEnv("single", 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
                      int(env.get("MASTER_PORT") or _free_port()))
+
+
+def _die_with_torchrun_agent() -> None:
+    """In a torchrun worker (TORCHELASTIC_RUN_ID is set by the elastic agent only; RANK alone is also
+    set by export_torch_env for single runs), ask for SIGKILL when the agent dies. The agent starts
+    workers from its main thread, so PDEATHSIG fires only when the agent process ends; it does
+    that only after its workers are stopped, except when it is killed outright: the case this covers.
+    The agent's pid is not passed to workers, so an agent that died before this call is recognised
+    by the worker having been re-parented to init."""
+    global _bound_to_agent
+    if _bound_to_agent or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    from megatron_seed.platform.processes import die_with_parent
+
+    die_with_parent()
+    _bound_to_agent = True
+
+
+_bound_to_agent = False
 
 
 def _free_port() -> int:

@@ -14,10 +14,16 @@ wrapping every torch call:
 2. Function rewrites. A handful of functions compare ``tensor.type()`` with CUDA type names or call
    ``.cuda()`` on tensors. These are recompiled from their own source with literal replacements,
    after checking the source hash recorded for the pinned megatron-core version: if upstream
-   changed a patched function, :func:`apply` raises instead of silently patching something else.
+   changed a patched function, :func:`apply` raises instead of silently patching something else
+   (on any megatron-core version). ``MEGATRON_SEED_ALLOW_UNPINNED_MEGATRON=1`` opts in to trying
+   the patches anyway, with a warning naming each changed function.
 3. RNG helpers. ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`` index CUDA
    generators; they are replaced with the CPU generator's get/set, so the model-parallel RNG
    tracker forks the CPU generator exactly as it forks a CUDA one.
+
+Modules imported after :func:`apply` get the same treatment: an import hook on ``sys.meta_path``
+shims each ``megatron.core.*`` module when it finishes loading, and runs the rewrites that live in
+it (hash check included).
 
 Nothing is applied when CUDA is available. :func:`apply` is idempotent; call it before building
 models or optimizers (``megatron_seed.platform.distributed.initialize`` does).
@@ -29,18 +35,22 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import importlib.abc
 import inspect
+import os
 import sys
 import textwrap
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 PINNED_MEGATRON_CORE = "0.16.1"
+ALLOW_UNPINNED_ENV = "MEGATRON_SEED_ALLOW_UNPINNED_MEGATRON"
 
-# The megatron-core modules whose ``torch`` global is replaced. Modules imported later (any
-# other ``megatron.core.*`` already in ``sys.modules`` at apply time) are shimmed too.
+# Imported (and shimmed) by apply(). Any other ``megatron.core.*`` module is shimmed too: those
+# already in ``sys.modules`` at apply time directly, later ones by the import hook.
 MODULES_TO_IMPORT = (
     "megatron.core.parallel_state",
     "megatron.core.utils",
@@ -270,17 +280,21 @@ def source_sha256(module_name: str, qualname: str) -> str:
     return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
 
 
-def _rewrite(rw: SourceRewrite, torch_shim: types.ModuleType) -> None:
+def _rewrite(rw: SourceRewrite, torch_shim: types.ModuleType, strict: bool = True) -> None:
     owner, name, fn = _resolve(rw.module, rw.qualname)
     if getattr(fn, "__megatron_seed_original__", None) is not None:
         return
     source = textwrap.dedent(inspect.getsource(fn))
     for old, new in rw.replacements:
         if old not in source:
-            raise RuntimeError(
-                f"megatron-core CPU layer: {rw.module}.{rw.qualname} no longer contains {old!r}; "
-                "the CPU patch list in megatron_seed/platform/megatron_cpu.py must be updated"
-            )
+            message = (f"megatron-core CPU layer: {rw.module}.{rw.qualname} no longer contains {old!r}; "
+                       "the CPU patch list in megatron_seed/platform/megatron_cpu.py must be updated")
+            if strict:
+                raise RuntimeError(message)
+            # Opted in to an unpinned megatron-core: upstream may have dropped the CUDA-only code
+            # this rewrite targets, so running the function unpatched is the best try left.
+            warnings.warn(f"{message}; left unpatched ({rw.why})", RuntimeWarning, stacklevel=2)
+            return
         source = source.replace(old, new)
     module = sys.modules[rw.module]
     namespace = dict(module.__dict__)
@@ -317,7 +331,7 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe: bool = False):
 # --------------------------------------------------------------------------------------------
 
 
-_STATE = {"applied": False}
+_STATE: dict = {"applied": False}
 
 
 def needed() -> bool:
@@ -330,26 +344,52 @@ def megatron_core_version() -> str:
     return __version__
 
 
+def unpinned_allowed() -> bool:
+    return os.environ.get(ALLOW_UNPINNED_ENV, "") == "1"
+
+
+def _check(rw: SourceRewrite) -> str | None:
+    """None when ``rw``'s target has the source recorded for the pinned release, else why not."""
+    try:
+        got = source_sha256(rw.module, rw.qualname)
+    except (ImportError, AttributeError, KeyError, OSError) as err:
+        return f"{rw.module}.{rw.qualname}: cannot be found ({err})"
+    want = PATCH_HASHES.get(f"{rw.module}.{rw.qualname}")
+    if want != got:
+        return (f"{rw.module}.{rw.qualname}: source changed upstream (sha256 {got[:12]}, "
+                f"pinned {str(want)[:12]}); review the patch ({rw.why})")
+    return None
+
+
 def check_patch_targets() -> list[str]:
-    """Return one message per patched function whose upstream source differs from the pinned one."""
-    problems = []
-    for rw in SOURCE_REWRITES:
-        try:
-            got = source_sha256(rw.module, rw.qualname)
-        except (ImportError, AttributeError, KeyError, OSError) as err:
-            problems.append(f"{rw.module}.{rw.qualname}: cannot be found ({err})")
-            continue
-        want = PATCH_HASHES.get(f"{rw.module}.{rw.qualname}")
-        if want != got:
-            problems.append(
-                f"{rw.module}.{rw.qualname}: source changed upstream (sha256 {got[:12]}, "
-                f"pinned {str(want)[:12]}); review the patch ({rw.why})"
-            )
-    return problems
+    """Return one message per patched function whose upstream source differs from the pinned one
+    (importing every patched module)."""
+    return [problem for problem in map(_check, SOURCE_REWRITES) if problem is not None]
+
+
+def _report(problems: list[str], strict: bool) -> None:
+    """Raise (strict) or warn about patch targets that differ from the pinned megatron-core."""
+    if not problems:
+        return
+    head = (f"megatron-core CPU layer: megatron-core {megatron_core_version()} differs from "
+            f"{PINNED_MEGATRON_CORE}, the version its patches were written and checked for, in:\n  "
+            + "\n  ".join(problems))
+    if strict:
+        raise RuntimeError(
+            f"{head}\nInstall megatron-core=={PINNED_MEGATRON_CORE}, or set {ALLOW_UNPINNED_ENV}=1 to try "
+            "the patches anyway (then review each function above against its patch in "
+            "megatron_seed/platform/megatron_cpu.py and record its new hash in PATCH_HASHES).")
+    warnings.warn(f"{head}\n{ALLOW_UNPINNED_ENV}=1: patching anyway; results on CPU are unverified.",
+                  RuntimeWarning, stacklevel=3)
 
 
 def apply(strict: bool | None = None) -> bool:
-    """Make megatron-core run on CPU. Returns True when patches were applied (no CUDA)."""
+    """Make megatron-core run on CPU. Returns True when patches were applied (no CUDA).
+
+    ``strict`` (default: unless ``MEGATRON_SEED_ALLOW_UNPINNED_MEGATRON=1``) makes a patched
+    function whose source differs from the pinned release an error; otherwise it is a warning and
+    the patches are tried anyway. The check covers the installed version whatever it is.
+    """
     if not needed():
         return False
     if _STATE["applied"]:
@@ -358,21 +398,20 @@ def apply(strict: bool | None = None) -> bool:
     for name in MODULES_TO_IMPORT:
         importlib.import_module(name)
     if strict is None:
-        strict = megatron_core_version() == PINNED_MEGATRON_CORE
-    problems = check_patch_targets()
-    if problems and strict:
-        raise RuntimeError(
-            "megatron-core CPU layer does not match megatron-core "
-            f"{megatron_core_version()} (pinned {PINNED_MEGATRON_CORE}):\n  " + "\n  ".join(problems)
-        )
+        strict = not unpinned_allowed()
+    # Rewrites in modules nobody imported yet run when they are imported (_MegatronImportHook).
+    loaded = [rw for rw in SOURCE_REWRITES if rw.module in sys.modules]
+    _report([problem for problem in map(_check, loaded) if problem is not None], strict)
     shim = _build_torch_shim()
-    _STATE["shim"] = shim
+    _STATE.update(shim=shim, strict=strict, pending=[rw for rw in SOURCE_REWRITES if rw not in loaded])
     _shim_loaded_modules(shim)
-    for rw in SOURCE_REWRITES:
-        _rewrite(rw, shim)
+    for rw in loaded:
+        _rewrite(rw, shim, strict)
     random = sys.modules["megatron.core.tensor_parallel.random"]
     random._get_cuda_rng_state = _get_cpu_rng_state
     random._set_cuda_rng_state = _set_cpu_rng_state
+    if not any(isinstance(finder, _MegatronImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _MegatronImportHook())
     _STATE["applied"] = True
     return True
 
@@ -380,8 +419,65 @@ def apply(strict: bool | None = None) -> bool:
 def _shim_loaded_modules(shim: types.ModuleType) -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and module is not None:
-            if module.__dict__.get("torch") is torch:
-                module.torch = shim
+            _shim_module(module, shim)
+
+
+def _shim_module(module: types.ModuleType, shim: types.ModuleType) -> None:
+    if module.__dict__.get("torch") is torch:
+        module.torch = shim
+
+
+def _after_import(module: types.ModuleType) -> None:
+    """What apply() does to loaded modules, for one ``megatron.core`` module loaded after it."""
+    shim = _STATE["shim"]
+    _shim_module(module, shim)
+    mine = [rw for rw in _STATE["pending"] if rw.module == module.__name__]
+    if not mine:
+        return
+    # A strict failure propagates out of the import (the module is not left half-patched), and
+    # the rewrite stays pending so a second import attempt fails the same way.
+    _report([problem for problem in map(_check, mine) if problem is not None], _STATE["strict"])
+    _STATE["pending"] = [rw for rw in _STATE["pending"] if rw.module != module.__name__]
+    for rw in mine:
+        _rewrite(rw, shim, _STATE["strict"])
+
+
+class _PostImportLoader:
+    """Wraps a module's loader: runs :func:`_after_import` once the module body has executed.
+    Everything else (``get_source``, resource readers, ...) is the wrapped loader's."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _after_import(module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _MegatronImportHook(importlib.abc.MetaPathFinder):
+    """Finds ``megatron.core.*`` modules with the other finders and wraps their loaders."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith("megatron.core."):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if hasattr(loader, "exec_module") and not isinstance(loader, _PostImportLoader):
+            spec.loader = _PostImportLoader(loader)
+        return spec
 
 
 # sha256 of each rewritten function's source in megatron-core PINNED_MEGATRON_CORE.

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from functools import lru_cache
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -72,3 +75,38 @@ def toolchain_dirs() -> list[str]:
         if os.path.isdir(os.path.join(home, extra)) and _which("rustc"):
             dirs.add(os.path.join(home, extra))
     return sorted(dirs)
+
+
+# What the sandboxed interpreter (started as the sandbox starts it: -I, scrubbed environment)
+# reports about itself: prefixes, executable and import path.
+_PROBE = ("import json, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,"
+          " sys.executable, *sys.path]))")
+
+
+@lru_cache(maxsize=None)  # one probe per interpreter and process (~0.1 s)
+def interpreter_dirs(python: str) -> tuple[str, ...]:
+    """Directories the Python interpreter ``python`` needs inside the sandbox: its prefixes (a
+    venv's own and the base installation's), the directory of its executable and of the real
+    executable behind symlinks, and every directory on its import path (standard library,
+    site-packages, what .pth files add). The sandbox binds back read-only those that sit under a
+    hidden directory, e.g. a venv under /tmp or /home, or pyenv under /root.
+
+    The import path is asked of the interpreter itself, started with ``-I`` as runs are, rather
+    than read from this process's ``sys.path``: entries only this process has (PYTHONPATH, the
+    script directory, ``sys.path`` edits such as a project checkout) cannot be imported by a run
+    anyway, and binding them would expose them to it."""
+    dirs = [os.path.dirname(python), os.path.dirname(os.path.realpath(python))]
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
+        dirs += [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    try:
+        out = subprocess.run([python, "-I", "-c", _PROBE], capture_output=True, text=True, timeout=60, check=True,
+                             cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}).stdout
+        reported = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        # Not fatal here (other languages do not need Python); a Python run will then report
+        # sandbox_error itself if the interpreter really cannot start.
+        sys.stderr.write(f"[sandbox] could not ask {python} for its import path ({e}); binding its prefixes only\n")
+        reported = []
+    prefixes, executable, path = reported[:4], reported[4:5], reported[5:]
+    dirs += prefixes + [os.path.dirname(p) for p in executable] + path
+    return tuple(sorted({d for d in dirs if d and os.path.isabs(d) and os.path.isdir(d)}))

@@ -10,8 +10,10 @@ imported). Steps, in order, before ``execve`` of the program:
    created first and the caller's uid is mapped to 0 inside it.
 2. Mounts (private to this process tree): read-only tmpfs over the hidden directories (home
    directories, /root, /tmp, /var/tmp, /dev/shm); the working directory bind-mounted at
-   ``/tmp/sandbox`` (the only writable place); directories the toolchains need that live under hidden
-   paths (e.g. the Python installation under /root) bind-mounted back read-only.
+   ``/tmp/sandbox`` (the only writable place); directories the interpreter and toolchains need
+   that live under hidden paths (the Python installation under /root, a venv and its
+   site-packages under /tmp or /home, ...) bind-mounted back read-only (``runner._under_hidden``).
+   From here on, the death of the parent (runner or zygote) sends SIGTERM (:func:`die_with_parent`).
 3. rlimits: CPU seconds, address space, processes, file size, open files, no core dumps.
 4. A reaper stays behind (root inside the namespaces, child subreaper) and forks the program,
    which drops privileges: supplementary groups dropped, gid/uid set to the run's own
@@ -31,6 +33,7 @@ import signal
 import sys
 
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 SETUP_FAILED = 121
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -51,6 +54,24 @@ def _mount(source, target, fstype, flags, data=None):
 def _write(path, text):
     with open(path, "w") as f:
         f.write(text)
+
+
+def die_with_parent(parent_pid, sig=signal.SIGTERM):
+    """Have the kernel send ``sig`` to this process when the process that started it dies, even
+    by SIGKILL, so no reaper or program outlives the runner (or the zygote) that would have
+    stopped it.
+
+    SIGTERM, not SIGKILL: a reaper (see :func:`supervise`) takes SIGTERM as "stop", kills and
+    reaps everything of the run, then exits; killed outright it would leave the program running
+    under init. The kernel sends the signal when the *thread* that forked this process exits:
+    runner threads wait for their launcher until it is gone, and the zygote is single-threaded.
+    Call it after :func:`_isolate`: a new user namespace (no root) changes credentials, which
+    clears the setting. If the parent died before this call (getppid no longer names it) no
+    signal will ever come, so exit now; nothing of the run has been started yet."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:
+        os.write(2, b"sandbox set-up failed: the parent process is gone\n")
+        os._exit(SETUP_FAILED)
 
 
 def _isolate(cfg):
@@ -148,8 +169,12 @@ def supervise(cfg, root, run_program):
     program exits, or on SIGTERM from the runner (timeout), it kills every process of the run's
     uid, reaps them all and exits with the program's status: nothing is left behind, not even
     zombies."""
-    _check(_libc.prctl(36, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")  # 36 = PR_SET_CHILD_SUBREAPER
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
     def stop_request(*_):
+        # Both the runner (timeout) and the parent-death signal may send SIGTERM: only the first
+        # may interrupt, a second one must not raise out of the clean-up below.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise _Stopped()
 
     signal.signal(signal.SIGTERM, stop_request)
@@ -197,6 +222,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     try:
         target, root = _isolate(cfg)
+        die_with_parent(cfg["parent_pid"])
         env = dict(cfg["env"], HOME=target, TMPDIR=target, PWD=target)
         argv = cfg["argv"]
     except Exception as e:  # noqa: BLE001 - any set-up failure is reported, never run unisolated

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from megatron_seed.sandbox.languages import LANGUAGES, Language, toolchain_dirs
+from megatron_seed.sandbox.languages import LANGUAGES, Language, interpreter_dirs, toolchain_dirs
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 ZYGOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "zygote.py")
@@ -77,7 +77,9 @@ class Sandbox:
     def __init__(self, limits: Optional[Limits] = None, max_workers: int = 2, base_dir: Optional[str] = None,
                  first_uid: int = 61000, python_fast_path: bool = True):
         self.limits = limits or Limits()
-        self.base_dir = base_dir or os.path.join(tempfile.gettempdir(), f"megatron_seed_sandbox_{os.getpid()}")
+        # Own directory per Sandbox, not per process: close() removes it, with the zygote's socket
+        # and the working directories of runs in flight, which must not be another Sandbox's.
+        self.base_dir = base_dir or tempfile.mkdtemp(prefix=f"megatron_seed_sandbox_{os.getpid()}_")
         os.makedirs(self.base_dir, mode=0o711, exist_ok=True)
         os.chmod(self.base_dir, 0o711)  # others may traverse to their own run directory, not list
         # Concurrent runs get distinct uids, so rlimits on processes and the final sweep are per run.
@@ -124,10 +126,8 @@ class Sandbox:
             return list(pool.map(lambda job: self.run(**job), jobs))
 
     def close(self) -> None:
-        if self._zygote is not None:
-            self._zygote.kill()
-            self._zygote.wait()
-            self._zygote = None
+        with self._zygote_lock:
+            self._stop_zygote()
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def __enter__(self) -> "Sandbox":
@@ -147,7 +147,7 @@ class Sandbox:
             os.chown(os.path.join(workdir, lang.filename), uid, uid)
         os.chmod(workdir, 0o700)
         config = {
-            "workdir": workdir, "uid": uid, "hidden": list(self._hidden),
+            "workdir": workdir, "uid": uid, "parent_pid": os.getpid(), "hidden": list(self._hidden),
             "readonly_binds": self._readonly_binds,
             "limits": {"cpu_seconds": limits.cpu_seconds, "memory_bytes": lang.memory(limits.memory_bytes),
                        "processes": limits.processes, "file_bytes": limits.file_bytes,
@@ -180,13 +180,25 @@ class Sandbox:
         path = os.path.join(self.base_dir, "zygote.sock")
         if self._zygote is not None and self._zygote.poll() is None:
             return path
+        self._stop_zygote()  # one that died: release its pipes
         if os.path.exists(path):
             os.remove(path)
-        self._zygote = subprocess.Popen([sys.executable, "-I", ZYGOTE, path], stdout=subprocess.PIPE,
-                                        cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+        # stdin: a pipe only this process holds the write end of (close-on-exec and not passed to
+        # launchers); the zygote exits at its EOF, i.e. when the Sandbox closes or this process dies.
+        self._zygote = subprocess.Popen([sys.executable, "-I", ZYGOTE, path], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, cwd="/",
+                                        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
         if self._zygote.stdout.readline().strip() != b"ready":
             raise RuntimeError("the sandbox zygote did not start")
         return path
+
+    def _stop_zygote(self) -> None:
+        if self._zygote is not None:
+            self._zygote.kill()
+            self._zygote.wait()
+            self._zygote.stdin.close()
+            self._zygote.stdout.close()
+            self._zygote = None
 
     def _zygote_run(self, config: dict, stdin: str, limits: Limits) -> Result:
         start = time.monotonic()
@@ -250,9 +262,22 @@ def _result(code, out: bytes, err: bytes, truncated: bool, reason: str, wall: fl
 
 
 def _under_hidden(hidden) -> list[str]:
-    """Toolchain and interpreter directories that a hidden mount would cover: bound back read-only."""
-    dirs = {os.path.realpath(sys.base_prefix), *toolchain_dirs()}
-    return sorted(d for d in dirs if any(d == h or d.startswith(h + "/") for h in hidden))
+    """Interpreter and toolchain directories that a hidden mount would cover (a venv under /tmp or
+    /home, pyenv or rustup under /root): bound back read-only by ``launcher._isolate``.
+
+    Each directory is taken both as named and with symlinks resolved (a venv's ``bin/python``
+    points into the base installation). Never a hidden directory itself or one above it (a
+    ``sys.path`` entry of ``/root`` would otherwise unhide all of /root), and a directory inside
+    another one kept is dropped (it comes with its parent's recursive bind)."""
+    named = {*interpreter_dirs(sys.executable), *toolchain_dirs()}
+    dirs = {os.path.normpath(p) for d in named for p in (os.path.abspath(d), os.path.realpath(d))}
+    keep = {d for d in dirs if any(_inside(d, h) for h in hidden) and not any(_inside(h, d) for h in hidden)}
+    return sorted(d for d in keep if not any(other != d and _inside(d, other) for other in keep))
+
+
+def _inside(path: str, top: str) -> bool:
+    """``path`` is ``top`` or below it."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _communicate(stdin_fd: int, out_fd: int, err_fd: int, stdin: bytes, limits: Limits, pid: int, reap):

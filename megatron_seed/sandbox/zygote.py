@@ -10,6 +10,10 @@ stdin/stdout/stderr (passed as file descriptors), and executes ``main.py`` in a 
 
 Protocol on one connection: client sends JSON config + 3 fds (SCM_RIGHTS); zygote replies
 ``{"pid": N}`` then, when the child ends, ``{"status": WAITSTATUS, "cpu": SECONDS}``.
+
+Lifetime: the zygote exits when its stdin (a pipe from the Sandbox) reaches EOF, i.e. when the
+Sandbox closes or its process dies; each run's reaper gets SIGTERM when the zygote dies
+(``launcher.die_with_parent``) and then kills and reaps its run. Nothing is left behind.
 """
 
 import importlib.util
@@ -26,7 +30,7 @@ launcher = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(launcher)
 
 
-def _child(cfg, fds):
+def _child(cfg, fds, zygote_pid):
     """In the forked child: isolate, then supervise the program; never returns."""
     try:
         os.setsid()
@@ -36,6 +40,7 @@ def _child(cfg, fds):
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         target, root = launcher._isolate(cfg)
+        launcher.die_with_parent(zygote_pid)  # the zygote gone: stop the run (SIGTERM to the reaper)
         os.environ.clear()
         os.environ.update(cfg["env"], HOME=target, TMPDIR=target, PWD=target)
         with open("main.py", encoding="utf-8") as f:
@@ -83,6 +88,12 @@ def serve(path):
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, "accept")
     sel.register(wake_r, selectors.EVENT_READ, "wake")
+    # stdin is a pipe whose write end only the Sandbox that started us holds: EOF means it is gone
+    # (closed, or its process died, even by SIGKILL), and the zygote must not outlive it. A pipe,
+    # not PR_SET_PDEATHSIG: that fires when the starting *thread* exits, and the zygote is started
+    # by whichever thread runs first (often a short-lived run_many worker).
+    sel.register(0, selectors.EVENT_READ, "parent")
+    zygote_pid = os.getpid()
     children = {}  # pid -> connection waiting for its status
     print("ready", flush=True)
     while True:
@@ -99,11 +110,15 @@ def serve(path):
                 if pid == 0:
                     listener.close()
                     conn.close()
-                    _child(cfg, fds)
+                    _child(cfg, fds, zygote_pid)
                 for fd in fds:
                     os.close(fd)
                 children[pid] = conn
                 conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+            elif key.data == "parent":
+                if not os.read(0, 4096):
+                    # Runs in progress get SIGTERM from the kernel (die_with_parent) and clean up.
+                    return
             else:
                 os.read(wake_r, 4096)
         while children:  # reap every finished child, answering its client

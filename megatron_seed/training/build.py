@@ -28,6 +28,7 @@ def build_pretraining(run: RunConfig) -> Trainer:
     run.validate(launch.detect().world_size)  # before any process group exists: fail fast
     ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=run.train.seed)
     run.validate(ctx.world_size)
+    run = resolve_run_precision(run, ctx)
     if ctx.device.type == "cpu" and run.train.cpu_reuse_freed_memory:
         from megatron_seed.platform.cpu_allocator import keep_freed_memory
 
@@ -73,6 +74,27 @@ def build_pretraining(run: RunConfig) -> Trainer:
         logger.info(f"resumed from {t.load} at step {trainer.state.step}")
     torch.distributed.barrier()
     return trainer
+
+
+def resolve_run_precision(run: RunConfig, ctx) -> RunConfig:
+    """``train.precision=auto`` becomes bf16 or fp32 (megatron_seed.platform.precision). Every rank
+    probes its own device and all ranks take bf16 only if every one of them runs it natively: one
+    AVX2-only host in a job makes the whole job fp32 instead of 400x slower on that host."""
+    import torch
+
+    from megatron_seed.platform import precision
+
+    choice = precision.choose(run.train.precision, ctx.device.type)
+    if run.train.precision == "auto":
+        native = torch.tensor([1 if choice.precision == "bf16" else 0], dtype=torch.int32, device=ctx.device)
+        torch.distributed.all_reduce(native, op=torch.distributed.ReduceOp.MIN)
+        if not int(native.item()) and choice.precision == "bf16":
+            choice = precision.PrecisionChoice("fp32", "auto", "auto -> fp32: another rank has no native bf16")
+    if ctx.is_main:
+        precision.log_choice(choice)
+    if run.train.fp8 and choice.precision != "bf16" and ctx.device.type == "cuda":
+        raise ConfigError("train.fp8 with Transformer Engine needs train.precision=bf16 (or auto on a GPU with bf16)")
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, precision=choice.precision))
 
 
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",

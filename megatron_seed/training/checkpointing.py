@@ -18,6 +18,14 @@ distributed optimizer's "dp_reshardable" format also allows another DP size); ot
 model is loaded and a message says so, as Megatron-LM does with ``--no-load-optim``. Fully
 reshardable optimizer state needs megatron-core paths that assume CUDA and TE/Apex Adam; it is
 not offered on CPU.
+
+Helper processes. Every save (sync or async) goes through megatron-core's FileSystemWriterAsync,
+which (a) spawns, once per process, a multiprocessing ``Manager`` server for its results queue
+(and with it multiprocessing's resource tracker), and (b) forks one writer process per file, plus
+one more process for an async save. None of them watches its parent: a ``kill -9`` of the trainer
+left the manager, the tracker and any writer mid-save running forever.
+``_bind_save_helpers_to_this_process`` makes each die with the trainer; the resource tracker then
+sees EOF on its pipe (its last writers are gone) and exits by itself.
 """
 
 from __future__ import annotations
@@ -138,6 +146,49 @@ def _restore_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
+_results_manager = None  # the Manager behind megatron-core's results queue, started by us
+
+
+def _bind_save_helpers_to_this_process() -> None:
+    """Make megatron-core's checkpoint-writing processes die with this (trainer) process.
+
+    * Forked writers / async caller: a fork hook sets PDEATHSIG in every child forked from the
+      main thread (``forked_children_die_with_this_process``), without touching megatron-core.
+    * The spawned Manager: megatron-core creates it lazily in ``_get_write_results_queue`` only
+      while the module global ``filesystem_async._results_queue`` is None, with no way to pass an
+      initializer. We fill that global first with a queue from a Manager we start with
+      ``die_with_parent`` as its initializer: the one place megatron-core is influenced, by an
+      attribute it already caches, not by replacing its code. Checked against megatron-core 0.16.
+    """
+    global _results_manager
+    from megatron_seed.platform.processes import die_with_parent, forked_children_die_with_this_process
+
+    forked_children_die_with_this_process()
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        import warnings
+
+        warnings.warn("megatron-core no longer has filesystem_async._results_queue: its checkpoint Manager "
+                      "process will not die with the trainer (see _bind_save_helpers_to_this_process)")
+        return
+    import threading
+
+    # PDEATHSIG fires when the *thread* that started the Manager ends: only bind one started from
+    # the main thread (the trainer saves from there), which lives as long as the process.
+    if filesystem_async._results_queue is not None or threading.current_thread() is not threading.main_thread():
+        return
+    import signal
+    from multiprocessing.managers import SyncManager
+
+    from torch import multiprocessing as mp
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron-core itself uses
+    manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
+    _results_manager = manager
+    filesystem_async._results_queue = manager.Queue()
+
+
 class Checkpointer:
     def __init__(self, ctx, save_dir: Optional[str], async_save: bool = False):
         self.ctx, self.save_dir, self.async_save = ctx, save_dir, async_save
@@ -155,6 +206,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
         torch.distributed.barrier()
+        _bind_save_helpers_to_this_process()
         sd = _state_dict(chunks, optimizer, scheduler, state, self.ctx, is_loading=False,
                          with_optimizer=True, with_rng=True)
         if self.async_save:

@@ -1,0 +1,1 @@
+"""Pretraining: assembly from a config, the training loop, checkpoints, metrics."""
