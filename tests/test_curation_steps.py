@@ -4,6 +4,7 @@ duplicates, decontamination, and the rating parser (fuzzed)."""
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 from datatrove.data import Document
@@ -14,6 +15,8 @@ from datatrove_pipelines.filters import CodeFileFilter, syntax_ok
 from datatrove_pipelines.languages import language_of
 from datatrove_pipelines.rating import PROMPT, build_prompt, parse_rating
 from datatrove_pipelines.readers import CodeTreeReader
+
+from helpers import run_cli
 
 GOOD = '''"""Small utilities."""
 
@@ -174,3 +177,19 @@ def test_rating_parser_on_oracle_styles_and_fuzz():
         assert parse_rating(noisy) == float(true)
     prompt = build_prompt("Python", GOOD)
     assert "Python code to be assessed: " + GOOD in prompt and prompt.startswith(PROMPT[:40])
+
+
+def test_data_line_check_is_linear_on_long_number_runs():
+    """A line like scipy's "(-9.878987731663194-8.021894345786002j)" used to make the data-line
+    regular expression backtrack exponentially (hours for a 35-digit run). Run in a child with a
+    time limit, so a regression fails instead of hanging the suite."""
+    code = ("from datatrove_pipelines.filters import CodeFileFilter, DATA_LINE\n"
+            "from datatrove.data import Document\n"
+            "assert DATA_LINE.match('(-9.878987731663194-8.021894345786002j)') is None\n"
+            "assert DATA_LINE.match('(' + '1' * 60 + 'j)') is None\n"
+            "assert DATA_LINE.match('[1e-5, -3.2E+4, 0x1F, \"a\", None],')\n"
+            "text = 'x = [\\n' + '    (-9.878987731663194-8.021894345786002j),\\n' * 12 + ']\\n'\n"
+            "print(CodeFileFilter().filter(Document(text=text, id='d', metadata={'language': 'Python'})))\n")
+    proc = run_cli([sys.executable, "-c", code], timeout=30)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True"
