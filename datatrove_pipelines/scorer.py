@@ -19,6 +19,8 @@ import os
 import random
 import sys
 from collections import defaultdict
+from typing import Optional
+
 import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
@@ -48,9 +50,13 @@ def _autocast(device):
 
 def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int = 1, lr: float = 1e-4,
                  batch_size: int = 4, max_tokens: int = 512, holdout: float = 0.2, seed: int = 0,
+                 num_layers: Optional[int] = None,
                  log=lambda s: print(f"[scorer] {s}", file=sys.stderr, flush=True)) -> dict:
     """Fine-tune ``base_model`` with a regression head on ``labels_file`` rows ({text, rating}).
-    Returns metrics: held-out MAE (0-10), the mean-predictor's MAE, train/held-out sizes."""
+    ``num_layers`` keeps only the first N transformer layers of the base model: scoring every file
+    of a corpus is the curation's largest cost, and it scales with depth (the saved scorer has N
+    layers, so scoring uses N too). Returns metrics: held-out MAE (0-10), the mean-predictor's
+    MAE, train/held-out sizes."""
     import torch
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
@@ -66,8 +72,11 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    depth = {} if num_layers is None else {"num_hidden_layers": num_layers}
     model = LlamaForSequenceClassification.from_pretrained(base_model, num_labels=1, problem_type="regression",
-                                                           dtype=torch.float32)
+                                                           dtype=torch.float32, **depth)
+    if num_layers is not None:
+        log(f"backbone: the first {model.config.num_hidden_layers} layers of {base_model}")
     model.config.pad_token_id = tokenizer.pad_token_id
     # The head learns the deviation from the mean training label: with few labels the fresh head
     # starts at the mean-predictor baseline instead of at 0.

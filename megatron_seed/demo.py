@@ -8,7 +8,8 @@
 2. curate     ``datatrove_pipelines.curate``: file filters, exact + near dedup, HumanEval
               decontamination, an LLM oracle (SmolLM2-135M-Instruct on CPU unless --oracle)
               rating a sample with the paper's prompt, a regression-head scorer trained on those
-              labels scoring every file, the bottom 10% per language dropped;
+              labels (the first 8 of SmolLM2's 30 layers) scoring every file, the bottom 10%
+              per language dropped;
 3. tokenizer  a byte-level BPE with Seed-Coder's special and FIM tokens, on the kept files;
 4. preprocess kept files -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5;
 5. pretrain   the ``tiny`` preset on them, with evaluation and a checkpoint;
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
         f"{args.drop_fraction:.0%} dropped (oracle: {args.oracle or 'SmolLM2-135M-Instruct on CPU'})")
     curate_args = ["--input", str(jsonl), "--output", str(curated), "--tasks", "2", "--workers", str(args.workers),
                    "--oracle-sample", str(args.oracle_sample), "--max-tokens", "256",
+                   # The demo's time goes into the oracle's prompts and the scorer's pass over every
+                   # file: shorter prompts and an 8-layer scorer keep it to minutes on any CPU.
+                   "--oracle-prompt-tokens", "1024", "--scorer-layers", "8",
                    "--drop-fraction", str(args.drop_fraction), "--no-tokenize"]
     if args.oracle:
         curate_args += ["--oracle", args.oracle]

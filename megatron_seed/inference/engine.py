@@ -178,11 +178,46 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class GenerationState:
+    """What :func:`generate` leaves behind: the KV cache of the batch, which slots are real, and
+    where each row's prompt starts. :func:`continue_row` extends one row without re-reading it."""
+    cache: KVCache
+    key_valid: torch.Tensor  # [B, slots]
+    prompt_slots: int  # slots of the left-padded prompts
+    pad: torch.Tensor  # [B] left padding per row
+
+
+@torch.inference_mode()
+def continue_row(model: InferenceModel, state: GenerationState, row: int, generated: list[int],
+                 extra: list[int]) -> torch.Tensor:
+    """Logits (fp32) after ``row``'s prompt, then ``generated`` (a prefix of what :func:`generate`
+    returned for it), then ``extra``. The slots already in the cache are copied, not recomputed:
+    only tokens the cache does not hold are run. Equals a fresh forward of the whole sequence."""
+    fed = state.cache.length - state.prompt_slots  # generated tokens written to the cache
+    reuse = min(len(generated), fed)
+    rest = list(generated[reuse:]) + list(extra)
+    if not rest:
+        raise ValueError("continue_row needs at least one token to run")
+    start = state.prompt_slots + reuse
+    cache = KVCache(model.config, 1, start + len(rest), model.dtype)
+    for layer in range(model.config.num_layers):
+        cache.k[layer][:, :, :start] = state.cache.k[layer][row:row + 1, :, :start]
+        cache.v[layer][:, :, :start] = state.cache.v[layer][row:row + 1, :, :start]
+    cache.length = start
+    key_valid = torch.ones(1, start + len(rest), dtype=torch.bool)
+    key_valid[:, :start] = state.key_valid[row:row + 1, :start]
+    positions = (torch.arange(start, start + len(rest)) - state.pad[row]).unsqueeze(0)
+    return model.forward(torch.tensor([rest]), positions, cache, key_valid)[0, -1]
+
+
 @torch.inference_mode()
 def generate(model: InferenceModel, prompts: list[list[int]], max_new_tokens: int = 64, *,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-             eos_id: Optional[int] = None, pad_id: int = 0, seed: int = 0) -> list[list[int]]:
-    """New token ids for each prompt (a batch, left-padded); a row stops at ``eos_id`` (kept)."""
+             eos_id: Optional[int] = None, pad_id: int = 0, seed: int = 0,
+             return_state: bool = False):
+    """New token ids for each prompt (a batch, left-padded); a row stops at ``eos_id`` (kept).
+    With ``return_state`` also the :class:`GenerationState`, to continue a row cheaply."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     batch, longest = len(prompts), max(len(p) for p in prompts)
@@ -209,4 +244,6 @@ def generate(model: InferenceModel, prompts: list[list[int]], max_new_tokens: in
             break
         positions = (longest + step - pad).unsqueeze(1)
         logits = model.forward(nxt.unsqueeze(1), positions, cache, key_valid)[:, -1]
+    if return_state:
+        return out, GenerationState(cache, key_valid, longest, pad)
     return out
