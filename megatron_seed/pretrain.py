@@ -32,7 +32,12 @@ def main(argv=None) -> int:
     from megatron_seed.platform import distributed
     from megatron_seed.training.build import build_pretraining
 
-    trainer = build_pretraining(run)
+    try:
+        trainer = build_pretraining(run)
+    except ConfigError as err:  # found at start-up (e.g. by reading train.load's checkpoint)
+        print(f"config error: {err}", file=sys.stderr)
+        distributed.shutdown()
+        return 2
     trainer.fit()
     distributed.shutdown()
     return 0

@@ -190,6 +190,14 @@ class TrainConfig:
     # CPU only: keep freed memory for reuse instead of returning it to the kernel every step
     # (megatron_seed.platform.cpu_allocator); ~20% faster steps, same peak memory.
     cpu_reuse_freed_memory: bool = True
+    # What is trained: a registered objective ("pretrain") or "package.module:function", a factory
+    # (run, ctx, tokenizer) -> Objective (megatron_seed.training.objective).
+    objective: str = "pretrain"
+    # Start from train.load's weights at step 0 (Megatron-LM's --finetune): data position, LR
+    # schedule, RNG and objective state start fresh; the optimizer state is loaded only with
+    # finetune_load_optimizer. Without it, train.load resumes the run where it stopped.
+    finetune: bool = False
+    finetune_load_optimizer: bool = False
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps must be >= 0")
@@ -203,6 +211,13 @@ class TrainConfig:
         _require(self.save_interval >= 0, "train.save_interval must be >= 0")
         _require(not (self.save_interval and not self.save),
                  "train.save_interval is set but train.save (checkpoint directory) is not")
+        _require(isinstance(self.objective, str) and bool(self.objective.strip()),
+                 "train.objective must name an objective (e.g. pretrain) or a package.module:function")
+        _require(not self.finetune or bool(self.load),
+                 "train.finetune=true needs train.load (the checkpoint whose weights to start from)")
+        _require(not self.finetune_load_optimizer or self.finetune,
+                 "train.finetune_load_optimizer=true needs train.finetune=true (a plain train.load "
+                 "restores the optimizer anyway)")
 
 
 @dataclass

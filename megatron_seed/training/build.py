@@ -1,79 +1,122 @@
-"""Assemble a run from its config: process groups, model, optimizer, data, trainer."""
+"""Assemble a run from its config and an objective: process groups, model, optimizer, trainer.
+
+``build_trainer(run, objective_factory)`` is the one assembly every objective uses (pretraining
+now; SFT, DPO, RL next): the objective supplies data, loss and metrics, everything else is here.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+from typing import Optional
 
-from megatron_seed.config.schema import ConfigError, ModelConfig, RunConfig
+from megatron_seed.config.schema import ConfigError, ModelConfig, RunConfig, TrainConfig
 from megatron_seed.convert import checkpoint_io
 from megatron_seed.data.tokenizer import load_tokenizer
 from megatron_seed.models.gpt import build_model_chunks
 from megatron_seed.platform import distributed
-from megatron_seed.training.checkpointing import Checkpointer
+from megatron_seed.training.checkpointing import Checkpointer, TrainState, read_train_state
 from megatron_seed.training.metrics import RunLogger
-from megatron_seed.training.pretrain import PretrainObjective
+from megatron_seed.training.objective import ObjectiveFactory, check_objective, resolve_objective
 from megatron_seed.training.setup import (build_optimizer, build_scheduler, use_fused_cpu_adam,
                                          wrap_for_training)
 from megatron_seed.training.trainer import Trainer
 
 
 def build_pretraining(run: RunConfig) -> Trainer:
+    """The ``megatron_seed.pretrain`` run: the objective that ``train.objective`` names
+    (``pretrain`` by default)."""
+    return build_trainer(run, resolve_objective(run.train.objective))
+
+
+def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Trainer:
+    """Process groups, the objective (``objective_factory(run, ctx, tokenizer)``), model chunks
+    wrapped for the objective's loss normalization, optimizer, LR schedule and, with
+    ``train.load``, the checkpoint's state (or only its weights with ``train.finetune``)."""
     import torch
 
     from megatron_seed.platform import launch
 
-    p = run.parallel
+    p, t = run.parallel, run.train
     run.validate(launch.detect().world_size)  # before any process group exists: fail fast
-    ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=run.train.seed)
+    ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=t.seed)
     run.validate(ctx.world_size)
+    saved: Optional[TrainState] = None
+    if t.load:  # a checkpoint that cannot serve this run is a config error, before any model exists
+        check_checkpoint_model(t.load, run.model)
+        saved = check_checkpoint_step(t.load, t)
     run = resolve_run_precision(run, ctx)
-    if ctx.device.type == "cpu" and run.train.cpu_reuse_freed_memory:
+    t = run.train
+    if ctx.device.type == "cpu" and t.cpu_reuse_freed_memory:
         from megatron_seed.platform.cpu_allocator import keep_freed_memory
 
         keep_freed_memory()
-    logger = RunLogger(run.train.run_dir, ctx.is_main, run.train.steps, run.train.tensorboard)
-    if run.train.load:
-        check_checkpoint_model(run.train.load, run.model)
+    logger = RunLogger(t.run_dir, ctx.is_main, t.steps, t.tensorboard)
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    if tokenizer.vocab_size > run.model.vocab_size:
+        raise ConfigError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than "
+                          f"model.vocab_size ({run.model.vocab_size})")
+    objective = check_objective(objective_factory(run, ctx, tokenizer))
+    if saved is not None and not t.finetune:
+        check_checkpoint_objective(t.load, saved, objective.name)
     if ctx.is_main:
-        with open(os.path.join(run.train.run_dir, "config.json"), "w") as f:
+        with open(os.path.join(t.run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(run), f, indent=2)
-        if run.train.save:
+        if t.save:
             # Checkpoints carry the model config and tokenizer: conversion and generation read
             # them from the checkpoint directory alone.
-            checkpoint_io.write_model_config(run.train.save, run.model)
-            checkpoint_io.copy_tokenizer_files(run.data.tokenizer or "byte", run.train.save)
-        logger.info(f"megatron-seed pretrain: {run.name} | {run.model.num_parameters() / 1e6:.2f}M params | "
+            checkpoint_io.write_model_config(t.save, run.model)
+            checkpoint_io.copy_tokenizer_files(run.data.tokenizer or "byte", t.save)
+        logger.info(f"megatron-seed {objective.name}: {run.name} | {run.model.num_parameters() / 1e6:.2f}M params | "
                     f"world {ctx.world_size} (tp {ctx.tp} pp {ctx.pp} dp {ctx.dp}"
                     f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}) | {ctx.device} | launcher {ctx.launcher}")
-    model_chunks = build_model_chunks(run.model, p, run.train, run.data.seq_length, run.train.seed)
-    if run.train.compile and ctx.is_main:
+    model_chunks = build_model_chunks(run.model, p, t, run.data.seq_length, t.seed)
+    if t.compile and ctx.is_main:
         from megatron_seed.models.compile import compiled_modules
 
         logger.info(f"train.compile: {compiled_modules(model_chunks)} modules compiled (RMSNorm, SwiGLU)")
+    # megatron-core's DDP reads this when wrapping (sum instead of mean over data-parallel ranks;
+    # finalize_model_grads then divides by the global loss-token count).
+    for chunk in model_chunks:
+        chunk.config.calculate_per_token_loss = objective.loss_normalization == "per_token"
     chunks = wrap_for_training(model_chunks, run)
     optimizer = build_optimizer(chunks, run)
     scheduler = build_scheduler(optimizer, run)
-    tokenizer = load_tokenizer(run.data.tokenizer)
-    if tokenizer.vocab_size > run.model.vocab_size:
-        raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than "
-                         f"model.vocab_size ({run.model.vocab_size})")
-    t = run.train
-    eval_samples = t.global_batch_size * t.eval_steps * (t.steps // t.eval_interval + 1) if t.eval_interval else 0
-    from megatron_seed.data.datasets import build_datasets
-
-    datasets = build_datasets(run.data, t.seed, run.model.vocab_size, tokenizer.eod,
-                              (t.steps * t.global_batch_size, eval_samples, 0))
-    objective = PretrainObjective(datasets, t.micro_batch_size, ctx.dp_rank, ctx.dp, ctx.device)
     trainer = Trainer(run, ctx, chunks, optimizer, scheduler, objective,
                       Checkpointer(ctx, t.save, t.async_save), logger)
     if t.load:
-        trainer.state = trainer.checkpointer.load(t.load, chunks, optimizer, scheduler)
+        state = trainer.checkpointer.load(t.load, chunks, optimizer, scheduler,
+                                          with_optimizer=not t.finetune or t.finetune_load_optimizer,
+                                          finetune=t.finetune)
         use_fused_cpu_adam(optimizer)  # loading restores param groups as saved (maybe unfused)
-        logger.info(f"resumed from {t.load} at step {trainer.state.step}")
+        if state.objective is not None:
+            objective.load_state_dict(state.objective["state"])
+        trainer.state = state
+        logger.info(f"fine-tuning from the weights of {t.load} (step {saved.step}), starting at step 0"
+                    if t.finetune else f"resumed from {t.load} at step {state.step}")
     torch.distributed.barrier()
     return trainer
+
+
+def check_checkpoint_step(load: str, train: TrainConfig) -> TrainState:
+    """A checkpoint already at (or past) ``train.steps`` would run zero steps: stop and say why."""
+    found, saved = read_train_state(load)
+    if not train.finetune and saved.step >= train.steps:
+        raise ConfigError(
+            f"train.load={load}: checkpoint {os.path.basename(found)} has already run {saved.step} steps "
+            f"and train.steps={train.steps}, so there is nothing to train. To start a new run from its "
+            f"weights at step 0 (fine-tuning), set train.finetune=true; to continue this run, set "
+            f"train.steps above {saved.step}")
+    return saved
+
+
+def check_checkpoint_objective(load: str, saved: TrainState, name: str) -> None:
+    """Resuming continues the same objective; starting another one from these weights is a
+    fine-tune (its data position and state mean nothing to the new objective)."""
+    if saved.objective is not None and saved.objective.get("name") != name:
+        raise ConfigError(f"train.load={load} was written by objective {saved.objective.get('name')!r}, "
+                          f"this run trains {name!r}: set train.finetune=true to start from its weights")
 
 
 def resolve_run_precision(run: RunConfig, ctx) -> RunConfig:

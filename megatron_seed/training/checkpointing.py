@@ -80,6 +80,27 @@ def _fsync_dir(path: str) -> None:
 class TrainState:
     step: int = 0
     consumed_samples: int = 0
+    # The objective's name and state_dict() ({"name": ..., "state": ...}); None in checkpoints
+    # written before objectives were recorded.
+    objective: Optional[dict] = None
+
+
+def read_train_state(path: str) -> tuple[str, TrainState]:
+    """The newest complete checkpoint under ``path`` and its saved TrainState, read from the
+    common (rank-0) part alone: cheap, and possible before any process group exists."""
+    from megatron.core import dist_checkpointing
+
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint under {path} (looked for {LATEST}, iter_*/metadata.json)")
+    common = dist_checkpointing.load_common_state_dict(found)
+    return found, _train_state(common)
+
+
+def _train_state(saved: dict) -> TrainState:
+    ts = saved["train_state"]
+    return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]),
+                      objective=saved.get("objective"))
 
 
 def _rng_state(ctx):
@@ -122,6 +143,8 @@ def _state_dict(chunks, optimizer, scheduler, state: TrainState, ctx, is_loading
             metadata={"distrib_optim_sharding_type": "dp_reshardable"})
         sd["scheduler"] = scheduler.state_dict()
     sd["train_state"] = {"step": state.step, "consumed_samples": state.consumed_samples}
+    if state.objective is not None:
+        sd["objective"] = state.objective
     if with_rng:
         sd["rng_state"] = _rng_state(ctx)
     sd["parallel"] = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp,
@@ -246,8 +269,13 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- load
     @torch.no_grad()
-    def load(self, path: str, chunks, optimizer, scheduler, with_optimizer: bool = True) -> TrainState:
-        """Load into the given chunks (any TP/PP); optimizer and RNG when the layout allows."""
+    def load(self, path: str, chunks, optimizer, scheduler, with_optimizer: bool = True,
+             finetune: bool = False) -> TrainState:
+        """Load into the given chunks (any TP/PP); optimizer and RNG when the layout allows.
+
+        ``finetune`` (Megatron-LM's ``--finetune``): the weights, and the optimizer state only with
+        ``with_optimizer``; the LR schedule, RNG, step, data position and objective state start
+        fresh, so the returned TrainState is a new one."""
         from megatron.core import dist_checkpointing
 
         found = latest_checkpoint(path)
@@ -266,6 +294,7 @@ class Checkpointer:
                       "(optimizer state and LR schedule start fresh)", flush=True)
             with_optimizer = False
         with_optimizer = with_optimizer and "scheduler" in common
+        with_rng = same_layout and not finetune
         if with_optimizer:
             # A fresh distributed optimizer has no Adam state to describe yet; megatron-core fills
             # it with placeholders (overwritten by the load) the same way for its own loader.
@@ -273,15 +302,20 @@ class Checkpointer:
                 if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
                     opt._init_optimizer_states_with_dummy_values()
         sd = _state_dict(chunks, optimizer, scheduler, TrainState(), self.ctx, is_loading=True,
-                         with_optimizer=with_optimizer, with_rng=same_layout)
+                         with_optimizer=with_optimizer, with_rng=with_rng)
         loaded = dist_checkpointing.load(sd, found)
         for i, chunk in enumerate(chunks):
             unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
         if with_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(optimizer)
-            scheduler.load_state_dict(loaded["scheduler"])
-        if same_layout:
+            if finetune:
+                # The loaded param groups carry the pretraining run's last lr and weight decay;
+                # the fresh schedule sets its step-0 values again.
+                scheduler.step(increment=0)
+            else:
+                scheduler.load_state_dict(loaded["scheduler"])
+        if with_rng:
             from megatron.core import tensor_parallel
 
             rng = loaded["rng_state"]
@@ -289,5 +323,4 @@ class Checkpointer:
             if rng["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
-        ts = loaded["train_state"]
-        return TrainState(step=int(ts["step"]), consumed_samples=int(ts["consumed_samples"]))
+        return TrainState() if finetune else _train_state(loaded)

@@ -27,6 +27,9 @@ import torch
 
 from megatron_seed.config.schema import ModelConfig
 
+# The keys of every metrics.jsonl record, in order; an objective's other metrics follow them.
+RECORD_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "tflops", "mfu", "peak_mem_gib")
+
 _GPU_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "B200": 2250.0,
                          "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
 
@@ -102,7 +105,9 @@ class RunLogger:
             f"lr {record['lr']:.3e} | grad norm {record['grad_norm']:.3f} | "
             f"{record['tokens_per_s']:,.0f} tok/s | {record['tflops']:.3f} TFLOP/s"
             + (f" | MFU {100 * mfu:.1f}%" if mfu is not None and mfu == mfu else "")
-            + f" | peak mem {record['peak_mem_gib']:.2f} GiB",
+            + f" | peak mem {record['peak_mem_gib']:.2f} GiB"
+            + "".join(f" | {key} {value:.4g}" for key, value in record.items()
+                      if key not in RECORD_KEYS and isinstance(value, (int, float))),
             file=self.stream, flush=True,
         )
 
@@ -117,14 +122,22 @@ class RunLogger:
             self.tb.close()
 
 
-def step_record(step: int, loss: float, lr: float, grad_norm: Optional[float], tokens: int,
-                seconds: float, flops_token: float, world_size: int, peak_tflops: Optional[float]) -> dict:
+def step_record(step: int, loss: float, lr: float, grad_norm: Optional[float], tokens: float,
+                seconds: float, flops_token: float, world_size: int, peak_tflops: Optional[float],
+                extra: Optional[dict[str, float]] = None) -> dict:
+    """One metrics.jsonl line: RECORD_KEYS, then the objective's other metrics (``extra``).
+    ``tokens``: real tokens processed in the ``seconds`` since the last record."""
     tokens_per_s = tokens / max(seconds, 1e-9)
     tflops = flops_token * tokens_per_s / 1e12
-    return {
+    record = {
         "step": step, "loss": loss, "lr": lr,
         "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
         "tokens_per_s": tokens_per_s, "step_time_s": seconds, "tflops": tflops,
         "mfu": (tflops / world_size / peak_tflops) if peak_tflops else None,
         "peak_mem_gib": peak_memory_gib(),
     }
+    for key, value in (extra or {}).items():
+        if key in record:
+            raise ValueError(f"objective metric {key!r} would overwrite the run log's own {key!r}; rename it")
+        record[key] = value
+    return record

@@ -1,15 +1,17 @@
 """The generic training loop: steps, logging, checkpoints, evaluation, callbacks.
 
-Objectives (pretraining, SFT, DPO, RL) differ only in the object passed as ``objective``: where
-micro-batches come from (``data_iterator``) and what a micro-batch's loss is (``forward_step``).
-Everything else (megatron-core's pipeline schedules, gradient reduction, the optimizer step,
-LR schedule, checkpoints, metrics) lives here once.
+Objectives (pretraining, SFT, DPO, RL) differ only in the :class:`~megatron_seed.training.objective.
+Objective` passed in: where micro-batches come from, what a micro-batch's loss is, which metrics it
+reports, its checkpointed state and an optional before-step hook. Everything else (megatron-core's
+pipeline schedules, gradient reduction, the optimizer step, LR schedule, checkpoints, metrics)
+lives here once.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -17,27 +19,48 @@ import torch
 from megatron_seed.config.schema import RunConfig
 from megatron_seed.training import metrics
 from megatron_seed.training.checkpointing import Checkpointer, TrainState
+from megatron_seed.training.objective import TOKENS, Objective, check_objective
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]  # every metric the objective reports, globally reduced
+    loss: float  # metrics[objective.loss_key]
+    tokens: float  # real tokens in the global batch
+    grad_norm: Optional[float]
+    lr: float
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, ctx, chunks: list, optimizer, scheduler, objective,
+    def __init__(self, run: RunConfig, ctx, chunks: list, optimizer, scheduler, objective: Objective,
                  checkpointer: Checkpointer, logger: metrics.RunLogger,
                  callbacks: tuple[Callable[[dict], None], ...] = ()):
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.run, self.ctx, self.chunks = run, ctx, chunks
-        self.optimizer, self.scheduler, self.objective = optimizer, scheduler, objective
+        self.optimizer, self.scheduler, self.objective = optimizer, scheduler, check_objective(objective)
         self.checkpointer, self.logger, self.callbacks = checkpointer, logger, callbacks
         self.state = TrainState()
         t = run.train
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * ctx.dp)
         self.forward_backward = get_forward_backward_func()
         config = chunks[0].config
+        # DDP fixes its gradient scaling (mean or sum over data-parallel ranks) when it wraps the
+        # model, so the flag must already be set then (build_trainer does it).
+        if config.calculate_per_token_loss != (objective.loss_normalization == "per_token"):
+            raise ValueError(f"objective {objective.name!r} wants {objective.loss_normalization} loss "
+                             "normalization but the model was wrapped with calculate_per_token_loss="
+                             f"{config.calculate_per_token_loss}; set it before wrapping (see build_trainer)")
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = optimizer.scale_loss
         no_sync = [c.no_sync for c in chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self.metric_keys = tuple(objective.metric_keys)
+        clash = (set(self.metric_keys) - {objective.loss_key}) & set(metrics.RECORD_KEYS)
+        if clash:
+            raise ValueError(f"objective {objective.name!r} reports {sorted(clash)}, names the run log "
+                             "uses for its own fields; rename them")
         self.flops_per_token = metrics.flops_per_token(run.model, run.data.seq_length)
         self.peak_tflops = metrics.device_peak_tflops(t.precision) if ctx.is_main else None
         self.history: list[dict] = []
@@ -54,80 +77,105 @@ class Trainer:
             micro_batch_size=self.run.train.micro_batch_size, forward_only=forward_only,
         )
 
-    def _reduce_loss(self, losses: list[dict], key: str = "lm loss") -> float:
-        """Token-weighted mean over micro-batches, data-parallel ranks and pipeline stages."""
+    def _reduce(self, reports: list[dict]) -> tuple[dict[str, float], float]:
+        """Every reported metric's (sum, count) added over micro-batches, pipeline stages (only
+        the last one has reports) and data-parallel ranks, in float64: the global batch's
+        weighted means, and its real tokens. One all-reduce per group for all metrics."""
         from megatron.core import parallel_state
 
-        total = torch.zeros(2, dtype=torch.float64)
-        for item in losses:
-            total += item[key].to(torch.float64).cpu()
-        device = self.ctx.device
-        total = total.to(device)
+        keys = (*self.metric_keys, TOKENS)
+        total = torch.zeros(len(keys), 2, dtype=torch.float64)
+        for report in reports:
+            unknown = set(report) - set(keys)
+            if unknown:
+                raise ValueError(f"objective {self.objective.name!r} reported {sorted(unknown)}, which are "
+                                 f"not in its metric_keys {self.metric_keys}: they would not be reduced")
+            if TOKENS not in report or self.objective.loss_key not in report:
+                raise ValueError(f"objective {self.objective.name!r}: every report needs {TOKENS!r} (real "
+                                 f"tokens, sequences) and its loss {self.objective.loss_key!r}; got {sorted(report)}")
+            for i, key in enumerate(keys):
+                if key in report:
+                    value = report[key].detach()
+                    if value.numel() != 2:
+                        raise ValueError(f"objective {self.objective.name!r}: report[{key!r}] must be a "
+                                         f"(sum, count) pair, got shape {tuple(value.shape)}")
+                    total[i] += value.reshape(2).to(torch.float64).cpu()
+        total = total.to(self.ctx.device)
         torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        total = total.cpu()
+        means = {key: float(total[i, 0] / total[i, 1]) if total[i, 1] > 0 else float("nan")
+                 for i, key in enumerate(self.metric_keys)}
+        return means, float(total[-1, 0])
 
-    def train_step(self, iterators) -> tuple[float, Optional[float], float]:
+    def train_step(self, iterators) -> StepResult:
         lr = self.optimizer.param_groups[0]["lr"]
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run_microbatches(iterators, forward_only=False)
+        reports = self._run_microbatches(iterators, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        return self._reduce_loss(losses), grad_norm, lr
+        means, tokens = self._reduce(reports)
+        return StepResult(means, means[self.objective.loss_key], tokens, grad_norm, lr)
 
     @torch.no_grad()
-    def evaluate(self, steps: int) -> Optional[float]:
+    def evaluate(self, steps: int) -> Optional[dict[str, float]]:
         iterators = self._iterators(1, 0)
         if iterators is None or (isinstance(iterators, list) and iterators[0] is None):
             return None
         for chunk in self.chunks:
             chunk.eval()
-        losses = []
+        reports = []
         for _ in range(steps):
-            losses.extend(self._run_microbatches(iterators, forward_only=True))
+            reports.extend(self._run_microbatches(iterators, forward_only=True))
         for chunk in self.chunks:
             chunk.train()
-        return self._reduce_loss(losses)
+        return self._reduce(reports)[0]
+
+    def save(self) -> None:
+        self.state.objective = {"name": self.objective.name, "state": self.objective.state_dict()}
+        path = self.checkpointer.save(self.chunks, self.optimizer, self.scheduler, self.state)
+        self.logger.info(f"saved checkpoint {path}")
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> list[dict]:
         t = self.run.train
-        tokens_per_step = t.global_batch_size * self.run.data.seq_length
         iterators = self._iterators(0, self.state.consumed_samples)
         for chunk in self.chunks:
             chunk.train()
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens = time.perf_counter(), 0.0
         while self.state.step < t.steps:
-            loss, grad_norm, lr = self.train_step(iterators)
+            self.objective.before_step(self.state.step)
+            result = self.train_step(iterators)
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size
-            window_tokens += tokens_per_step
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {self.state.step}; lower "
+            window_tokens += result.tokens
+            if not math.isfinite(result.loss):
+                raise FloatingPointError(f"loss is {result.loss} at step {self.state.step}; lower "
                                          "optimizer.lr or check the data")
             if self.state.step % t.log_interval == 0 or self.state.step == t.steps:
                 elapsed = time.perf_counter() - window_start
                 record = metrics.step_record(
-                    self.state.step, loss, lr, grad_norm,
-                    window_tokens, elapsed, self.flops_per_token, self.ctx.world_size, self.peak_tflops)
+                    self.state.step, result.loss, result.lr, result.grad_norm,
+                    window_tokens, elapsed, self.flops_per_token, self.ctx.world_size, self.peak_tflops,
+                    extra={k: v for k, v in result.metrics.items() if k != self.objective.loss_key})
                 self.history.append(record)
                 self.logger.log(record)
                 for callback in self.callbacks:
                     callback(record)
-                window_start, window_tokens = time.perf_counter(), 0
+                window_start, window_tokens = time.perf_counter(), 0.0
             if t.eval_interval and self.state.step % t.eval_interval == 0:
                 val = self.evaluate(t.eval_steps)
                 if val is not None:
-                    self.logger.info(f"step {self.state.step}: validation loss {val:.4f}")
+                    self.logger.info(f"step {self.state.step}: validation loss {val[self.objective.loss_key]:.4f}"
+                                     + "".join(f" | {k} {v:.4f}" for k, v in val.items()
+                                               if k != self.objective.loss_key))
             if t.save and t.save_interval and self.state.step % t.save_interval == 0:
-                path = self.checkpointer.save(self.chunks, self.optimizer, self.scheduler, self.state)
-                self.logger.info(f"saved checkpoint {path}")
+                self.save()
                 window_start = time.perf_counter()  # keep save time out of throughput
         if t.save and (not t.save_interval or self.state.step % t.save_interval != 0):
-            path = self.checkpointer.save(self.chunks, self.optimizer, self.scheduler, self.state)
-            self.logger.info(f"saved checkpoint {path}")
+            self.save()
         self.checkpointer.close()
         return self.history
