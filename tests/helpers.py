@@ -40,22 +40,25 @@ def run_cli(cmd: list, timeout: float = 300, **kwargs) -> subprocess.CompletedPr
     return run_process_group(cmd, timeout=timeout, **kwargs)
 
 
-def pretrain_cmd(run_dir: Path, *overrides: str, nproc: int = 1, launcher: Optional[str] = None) -> list:
-    """The pretraining command line; launcher None: a plain process for 1 rank, torchrun for more."""
+def pretrain_cmd(run_dir: Path, *overrides: str, nproc: int = 1, launcher: Optional[str] = None,
+                 module: str = "megatron_seed.pretrain") -> list:
+    """A training command line (``module``: the entry point); launcher None: a plain process for
+    1 rank, torchrun for more."""
     args = [f"train.run_dir={run_dir}", "train.tensorboard=false", *overrides]
     launcher = launcher or ("python" if nproc == 1 else "torchrun")
     if launcher == "python":
-        return [sys.executable, "-m", "megatron_seed.pretrain", *args]
+        return [sys.executable, "-m", module, *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}", "-m", "megatron_seed.pretrain", *args]
+                f"--master_port={free_port()}", "-m", module, *args]
     return ["mpirun", "-np", str(nproc), "--oversubscribe", "--allow-run-as-root",
-            sys.executable, "-m", "megatron_seed.pretrain", *args]
+            sys.executable, "-m", module, *args]
 
 
 def run_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, launcher: str = "torchrun",
-                 check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = pretrain_cmd(run_dir, *overrides, nproc=nproc, launcher=launcher if nproc > 1 else None)
+                 check: bool = True, timeout: int = 300, module: str = "megatron_seed.pretrain"
+                 ) -> subprocess.CompletedProcess:
+    cmd = pretrain_cmd(run_dir, *overrides, nproc=nproc, launcher=launcher if nproc > 1 else None, module=module)
     proc = run_cli(cmd, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -135,9 +135,19 @@ class DataConfig:
     mock: bool = False
     cache_dir: Optional[str] = None
     tokenizer: Optional[str] = None  # tokenizer spec; used for logging samples and generation
+    # Conversations for SFT (and later DPO): jsonl / jsonl.gz / parquet files, a glob or a directory.
+    train: Optional[str] = None
+    valid: Optional[str] = None
+    chat_template: Optional[str] = None  # Jinja text or a .jinja file; default: the tokenizer's own
+    packing: bool = True  # whole samples packed best-fit-decreasing into seq_length rows
+    train_on_all_tokens: bool = False  # loss on every token, not only the assistant turns
+    overflow: Literal["drop", "truncate"] = "drop"  # samples longer than seq_length
 
     def validate(self) -> None:
         _require(self.seq_length > 0, "data.seq_length must be positive")
+        _require(self.overflow in ("drop", "truncate"), "data.overflow must be 'drop' or 'truncate'")
+        if self.train is not None:
+            return  # conversations; their files are checked, with the record at fault, when read
         _require(self.mock or bool(self.blend),
                  "data.blend is empty: give data.blend=[PREFIX] (files PREFIX.bin/.idx, e.g. from "
                  "tools/preprocess_data.py) or data.mock=true for synthetic tokens")

@@ -66,6 +66,8 @@ class Objective(Protocol):
     loss_key: str  # the metric that is optimized; logged as "loss"
     metric_keys: tuple[str, ...]  # every key the loss function reports (besides TOKENS)
     loss_normalization: LossNormalization
+    # Keys logged as the step's total (the sum) instead of sum / count, e.g. loss tokens per step.
+    sum_keys: tuple[str, ...] = ()
 
     def data_iterator(self, split: int, consumed_samples: int) -> Optional[Iterator[Any]]:
         """This rank's micro-batches of ``split`` from global sample ``consumed_samples`` on."""
@@ -94,6 +96,7 @@ ObjectiveFactory = Callable[["RunConfig", "ParallelContext", Any], Objective]  #
 # an objective's module pulls in its data code, which other objectives do not need).
 OBJECTIVES: dict[str, Union[str, ObjectiveFactory]] = {
     "pretrain": "megatron_seed.training.pretrain_objective:build_pretrain_objective",
+    "sft": "megatron_seed.training.sft_objective:build_sft_objective",
 }
 
 

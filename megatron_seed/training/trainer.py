@@ -104,7 +104,9 @@ class Trainer:
         torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
         total = total.cpu()
-        means = {key: float(total[i, 0] / total[i, 1]) if total[i, 1] > 0 else float("nan")
+        sums = set(getattr(self.objective, "sum_keys", ()))
+        means = {key: float(total[i, 0]) if key in sums else
+                 (float(total[i, 0] / total[i, 1]) if total[i, 1] > 0 else float("nan"))
                  for i, key in enumerate(self.metric_keys)}
         return means, float(total[-1, 0])
 

@@ -1,0 +1,129 @@
+"""The supervised fine-tuning objective: conversations, packed, loss on assistant tokens only.
+
+Data: ``data.train`` records rendered with the tokenizer's chat template and tokenized once into a
+cache (megatron_seed.data.sft_data), packed whole, best-fit-decreasing, into ``data.seq_length``
+rows per epoch (megatron_seed.data.packing). The global row order is fixed by the seed, so the
+data position is the number of rows consumed, which the loop checkpoints: resume is exact.
+
+Attention never crosses a sample boundary: on the local (CPU) spec each row carries a
+block-diagonal causal mask built from its segment ids, which our SDPA core attention applies.
+megatron-core's GPTModel applies RoPE at positions 0..s-1 of the row, not at the restarting
+``position_ids``; under a block-diagonal mask that is the same computation, because a rotary
+attention score depends only on the distance between query and key, and both lie in one sample
+(the test holds packed losses to a per-conversation transformers reference at 1e-5).
+
+Loss: normalized per token over the whole global batch (megatron-core's
+``calculate_per_token_loss``), so how rows are split over micro-batches and ranks does not change
+it; the logged ``loss`` is the optimized one. Metrics: ``loss``, ``loss_tokens`` (the step's
+tokens with loss), ``packing_efficiency`` (real tokens / slots of the step's rows).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+
+from megatron_seed.training.objective import TOKENS, Objective
+
+
+def sft_loss(loss_mask: torch.Tensor, real: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    count = mask.sum()
+    real_tokens = real.sum().to(torch.float64)
+    report = {
+        "lm loss": torch.stack([loss_sum.detach(), count]),
+        # summed, not averaged, over the step (Objective.sum_keys)
+        "loss_tokens": torch.stack([count, torch.ones(())]),
+        "packing_efficiency": torch.tensor([float(real_tokens), float(real.numel())], dtype=torch.float64),
+        TOKENS: torch.tensor([float(real_tokens), float(real.shape[0])], dtype=torch.float64),
+    }
+    return loss_sum, count.to(torch.int), report
+
+
+class SFTObjective(Objective):
+    name = "sft"
+    loss_key = "lm loss"
+    metric_keys = ("lm loss", "loss_tokens", "packing_efficiency")
+    sum_keys = ("loss_tokens",)
+    loss_normalization = "per_token"
+
+    def __init__(self, datasets: list, micro_batch_size: int, dp_rank: int, dp_size: int, device):
+        self.datasets = datasets  # [train, valid] PackedSFTDataset or None
+        self.micro_batch_size, self.dp_rank, self.dp_size, self.device = micro_batch_size, dp_rank, dp_size, device
+
+    def data_iterator(self, split: int, consumed_samples: int) -> Optional[Iterator[dict]]:
+        dataset = self.datasets[split] if split < len(self.datasets) else None
+        if dataset is None:
+            return None
+        return _micro_batches(dataset, consumed_samples, self.micro_batch_size, self.dp_rank, self.dp_size,
+                              self.device)
+
+    def forward_step(self, data_iterator, model):
+        from megatron_seed.data.packing import segment_ids_to_attention_mask
+
+        batch = next(data_iterator)
+        mask = segment_ids_to_attention_mask(batch["segment_ids"])
+        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        return output, partial(sft_loss, batch["loss_mask"], batch["segment_ids"] > 0)
+
+
+def _micro_batches(dataset, consumed_rows: int, micro_batch_size: int, dp_rank: int, dp_size: int, device):
+    """Endless micro-batches of packed rows for one data-parallel rank. Rows are numbered across
+    epochs (epoch 0's rows, then epoch 1's, each epoch packed anew from its own shuffle); each step
+    covers the next ``micro_batch_size * dp_size`` rows, rank r taking its contiguous share."""
+    from megatron_seed.data.packing import collate
+
+    def locate(g: int) -> tuple[int, int]:
+        epoch = 0
+        while g >= dataset.num_rows(epoch):
+            g -= dataset.num_rows(epoch)
+            epoch += 1
+        return epoch, g
+
+    position = consumed_rows
+    while True:
+        start = position + dp_rank * micro_batch_size
+        rows = [dataset.row(*locate(start + i)) for i in range(micro_batch_size)]
+        position += micro_batch_size * dp_size
+        batch = collate(rows)
+        batch = {k: (v.long() if k != "loss_mask" else v.float()) for k, v in batch.items()}
+        if device is not None and device.type != "cpu":
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield batch
+
+
+def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
+    """Tokenize (or reuse the cache of) ``data.train`` / ``data.valid`` on rank 0 first, then on
+    the other ranks from the cache, and pack them."""
+    from megatron_seed.config.schema import ConfigError
+    from megatron_seed.data.chat import load_chat_tokenizer
+    from megatron_seed.data.packing import PackedSFTDataset
+    from megatron_seed.data.sft_data import build_sft_data
+
+    d, t = run.data, run.train
+    if not d.train:
+        raise ConfigError("the sft objective needs data.train=FILE (jsonl, jsonl.gz or parquet conversations)")
+    chat = load_chat_tokenizer(d.tokenizer, d.chat_template)
+    if chat.vocab_size > run.model.vocab_size:
+        raise ConfigError(f"the chat tokenizer's vocabulary ({chat.vocab_size}) is larger than "
+                          f"model.vocab_size ({run.model.vocab_size})")
+    cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_seed", "sft")
+    datasets = []
+    for split in (d.train, d.valid):
+        if not split:
+            datasets.append(None)
+            continue
+        data = None
+        for turn in (0, 1):  # rank 0 tokenizes and publishes the cache; the others read it
+            if (ctx.rank == 0) == (turn == 0):
+                data = build_sft_data([split], chat, cache, d.seq_length, overflow=d.overflow,
+                                      train_on_all_tokens=d.train_on_all_tokens)
+            torch.distributed.barrier()
+        if ctx.is_main:
+            print(f"[sft] {split}: {data.summary.line()}", flush=True)
+        datasets.append(PackedSFTDataset(data, d.seq_length, chat.pad_id, t.seed, packing=d.packing))
+    return SFTObjective(datasets, t.micro_batch_size, ctx.dp_rank, ctx.dp, ctx.device)
