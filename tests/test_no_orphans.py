@@ -298,3 +298,4 @@ def test_sigterm_to_the_demo_ends_its_curation_workers(tmp_path):
     finally:
         kill_all([top, *seen.values()])
         demo.wait()
+

@@ -39,12 +39,14 @@ def write_jsonl(path, records):
 
 
 def reference_loss(hf_dir: str) -> tuple[float, int]:
-    """Each conversation alone through transformers: apply_chat_template, the model's own forward,
+    """Each conversation alone through transformers (float64): apply_chat_template, the model's own forward,
     loss on the tokens each assistant turn adds (its content and <|im_end|>), token-weighted."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    # float64: the reference is the exact value our fp32 run approximates, not another fp32
+    # rounding of it (two fp32 implementations disagree by ~1e-5 on a 25-token mean by themselves)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
     end = tok.convert_tokens_to_ids("<|im_end|>")
     total, count = 0.0, 0
     for record in CONVERSATIONS:
@@ -63,7 +65,7 @@ def reference_loss(hf_dir: str) -> tuple[float, int]:
             for t in range(len(before), stop + 1):
                 mask[t] = True
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].float()
+            logits = model(torch.tensor([ids])).logits[0]
         targets = torch.tensor(ids[1:])
         per_token = torch.nn.functional.cross_entropy(logits[:-1], targets, reduction="none")
         keep = torch.tensor(mask[1:])
@@ -106,8 +108,13 @@ def tiny_conversations(n=24):
 def test_layouts_and_micro_batching_give_the_same_sft_losses(tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", tiny_conversations())
     common = (*TINY, f"data.train={data}", f"data.cache_dir={tmp_path / 'cache'}", "train.global_batch_size=4")
-    run_pretrain(tmp_path / "ref", *common, "train.micro_batch_size=4", module="megatron_seed.sft")
+    run_pretrain(tmp_path / "ref", *common, "train.micro_batch_size=4", f"train.save={tmp_path / 'ckpt'}",
+                 "train.save_interval=2", module="megatron_seed.sft")
     ref = losses(tmp_path / "ref")
+    # exact resume: the data position (packed rows consumed) comes back with the checkpoint
+    run_pretrain(tmp_path / "resumed", *common, "train.micro_batch_size=4",
+                 f"train.load={tmp_path / 'ckpt' / 'iter_0000002'}", module="megatron_seed.sft")
+    assert losses(tmp_path / "resumed") == {3: ref[3]}
     run_pretrain(tmp_path / "acc", *common, "train.micro_batch_size=1", module="megatron_seed.sft")
     assert_losses_close(losses(tmp_path / "acc"), ref, atol=1e-6)
     run_pretrain(tmp_path / "dp2", *common, "train.micro_batch_size=1", nproc=2, module="megatron_seed.sft")

@@ -39,9 +39,27 @@ def compile_rotary_embedding() -> None:
     rope_utils._apply_rotary_pos_emb_bshd = compiled
 
 
+def match_aten_vector_width() -> None:
+    """Have Inductor's C++ kernels use the vector width ATen itself runs at on this CPU.
+
+    Left to itself, Inductor picks its vector ISA from the CPU; with ATen held to AVX2
+    (``ATEN_CPU_CAPABILITY=avx2`` on an AVX512 CPU) its kernels came out wrong (RMSNorm backward
+    off by 1e25 with one thread, NaN losses), while an explicit width of 256 or 512 bits was right
+    either way (measured with torch 2.13). Setting the width ATen reports makes the two agree on any
+    CPU. Process-wide Inductor setting; an explicit user setting is kept."""
+    if torch.cuda.is_available():
+        return
+    import torch._inductor.config as inductor_config
+
+    width = {"AVX2": 256, "AVX512": 512}.get(torch.backends.cpu.get_cpu_capability())
+    if inductor_config.cpp.simdlen is None and width is not None:
+        inductor_config.cpp.simdlen = width
+
+
 def compile_elementwise(chunks: list) -> None:
     """Compile every RMSNorm and SwiGLU module of ``chunks`` in place, and megatron-core's RoPE
     function (:func:`compiled_modules` counts what was compiled)."""
+    match_aten_vector_width()
     compile_rotary_embedding()
     for chunk in chunks:
         for module in chunk.modules():
