@@ -115,8 +115,11 @@ def test_layouts_and_micro_batching_give_the_same_sft_losses(tmp_path):
     run_pretrain(tmp_path / "resumed", *common, "train.micro_batch_size=4",
                  f"train.load={tmp_path / 'ckpt' / 'iter_0000002'}", module="megatron_seed.sft")
     assert losses(tmp_path / "resumed") == {3: ref[3]}
-    run_pretrain(tmp_path / "acc", *common, "train.micro_batch_size=1", module="megatron_seed.sft")
+    # with a validation set: evaluation runs on its packed rows, training is unchanged
+    proc = run_pretrain(tmp_path / "acc", *common, "train.micro_batch_size=1", f"data.valid={data}",
+                        "train.eval_interval=3", "train.eval_steps=1", module="megatron_seed.sft")
     assert_losses_close(losses(tmp_path / "acc"), ref, atol=1e-6)
+    assert "step 3: validation loss" in proc.stderr + proc.stdout
     run_pretrain(tmp_path / "dp2", *common, "train.micro_batch_size=1", nproc=2, module="megatron_seed.sft")
     assert_losses_close(losses(tmp_path / "dp2"), ref, atol=1e-6)
     run_pretrain(tmp_path / "pp2", *common, "train.micro_batch_size=1", "parallel.pipeline=2", nproc=2,
@@ -126,3 +129,11 @@ def test_layouts_and_micro_batching_give_the_same_sft_losses(tmp_path):
                  module="megatron_seed.sft")
     assert_losses_close(losses(tmp_path / "tp2"), ref, atol=1e-5)
     assert ref[3] < ref[1]  # it learns
+    # an SFT checkpoint is an ordinary one: it exports to Hugging Face and loads in transformers
+    from transformers import AutoModelForCausalLM
+
+    from megatron_seed.convert.hf_checkpoint import mcore_to_hf
+
+    mcore_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 512
