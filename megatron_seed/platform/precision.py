@@ -52,6 +52,7 @@ class PrecisionChoice:
     precision: str  # "bf16" or "fp32"
     requested: str
     reason: str
+    emulated: bool = False  # bf16 chosen where the hardware only emulates it (warned about)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -126,7 +127,7 @@ def choose(requested: str = "auto", device_type: Optional[str] = None) -> Precis
             return PrecisionChoice("bf16", requested, f"bf16 requested; native on {probe.device}")
         return PrecisionChoice("bf16", requested, (
             f"bf16 requested, but {probe.device} has no native bf16: its bf16 matmuls measured "
-            f"{probe.slowdown:.0f}x slower than fp32; use precision auto or fp32 for full speed"))
+            f"{probe.slowdown:.0f}x slower than fp32; use precision auto or fp32 for full speed"), emulated=True)
     if probe.native:
         how = "" if device_type == "cuda" else f" (bf16 matmul {1 / probe.slowdown:.1f}x fp32's speed)"
         return PrecisionChoice("bf16", requested, f"auto -> bf16: native on {probe.device}{how}")
@@ -150,6 +151,6 @@ def resolve_dtype(requested: str = "auto", device_type: Optional[str] = None, lo
 
 @functools.cache
 def log_choice(choice: PrecisionChoice) -> None:
-    if choice.requested == "bf16" and "no native bf16" in choice.reason:
+    if choice.emulated:
         warnings.warn(f"precision: {choice.reason}", RuntimeWarning, stacklevel=3)
     print(f"[precision] {choice.reason}", file=sys.stderr, flush=True)

@@ -117,12 +117,12 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
         if not split:
             datasets.append(None)
             continue
-        data = None
-        for turn in (0, 1):  # rank 0 tokenizes and publishes the cache; the others read it
-            if (ctx.rank == 0) == (turn == 0):
-                data = build_sft_data([split], chat, cache, d.seq_length, overflow=d.overflow,
-                                      train_on_all_tokens=d.train_on_all_tokens)
-            torch.distributed.barrier()
+        build = partial(build_sft_data, [split], chat, cache, d.seq_length, overflow=d.overflow,
+                        train_on_all_tokens=d.train_on_all_tokens)
+        data = build() if ctx.rank == 0 else None  # rank 0 tokenizes and publishes the cache ...
+        torch.distributed.barrier()
+        if data is None:  # ... which the other ranks then read
+            data = build()
         if ctx.is_main:
             print(f"[sft] {split}: {data.summary.line()}", flush=True)
         datasets.append(PackedSFTDataset(data, d.seq_length, chat.pad_id, t.seed, packing=d.packing))
