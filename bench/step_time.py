@@ -108,7 +108,8 @@ def main() -> int:
     args = parser.parse_args()
     from megatron_seed.platform.precision import choose, cpu_description
 
-    precision = choose(args.precision, "cpu").precision
+    choice = choose(args.precision, "cpu")
+    precision = choice.precision
     if args._child:
         side, preset = args._child
         if side == "ours":
@@ -118,7 +119,7 @@ def main() -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    print(f"CPU: {cpu_description()} | precision {precision} ({choose(args.precision, 'cpu').reason})", flush=True)
+    print(f"CPU: {cpu_description()} | precision {precision} ({choice.reason})", flush=True)
     ref_name = "HF bf16-autocast" if precision == "bf16" else "HF fp32"
     for preset in args.presets.split(","):
         results = {}
