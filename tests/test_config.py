@@ -16,6 +16,9 @@ def test_overrides_are_typed():
     ("train.steps=abc", "train.steps='abc' does not fit"),
     ("train.precision=fp16", "train.precision='fp16' does not fit"),
     ("nosuch.key=1", "unknown config key 'nosuch'"),
+    ("dpo.loss_type=kto", "dpo.loss_type='kto' does not fit"),
+    ("dpo.betta=0.2", "unknown config key 'dpo.betta'"),
+    ("ref.mode=cached", "ref.mode='cached' does not fit"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -31,6 +34,16 @@ def test_bad_overrides_name_the_key(override, message):
     ({"data.mock": False, "data.blend": []}, 1, "data.blend is empty"),
     ({"data.mock": False, "data.blend": ["/no/such/prefix"]}, 1, "/no/such/prefix.bin does not exist"),
     ({"optimizer.schedule": "wsd"}, 1, "wsd_decay_steps"),
+    ({"dpo.beta": 0.0}, 1, "dpo.beta must be a finite number > 0"),
+    ({"dpo.beta": float("nan")}, 1, "dpo.beta must be a finite number > 0"),
+    ({"dpo.loss_type": "kto"}, 1, "dpo.loss_type must be one of sigmoid, robust, ipo, hinge"),
+    ({"dpo.label_smoothing": 0.5}, 1, "dpo.label_smoothing must be in \\[0, 0.5\\)"),
+    ({"dpo.label_smoothing": -0.1}, 1, "dpo.label_smoothing must be in"),
+    ({"dpo.label_smoothing": 0.1, "dpo.loss_type": "ipo"}, 1,
+     "dpo.label_smoothing applies to dpo.loss_type sigmoid and robust only"),
+    ({"dpo.sft_weight": -1.0}, 1, "dpo.sft_weight must be a finite number >= 0"),
+    ({"ref.mode": "cached"}, 1, "ref.mode must be 'precomputed' or 'live'"),
+    ({"ref.load": None}, 1, "ref.load must be a checkpoint directory or empty"),
 ])
 def test_invalid_configs_fail_with_what_to_change(changes, world, message):
     config = run_preset("tiny")
@@ -39,6 +52,22 @@ def test_invalid_configs_fail_with_what_to_change(changes, world, message):
         setattr(getattr(config, section), name, value)
     with pytest.raises(ConfigError, match=message):
         config.validate(world)
+
+
+def test_dpo_and_ref_sections_default_and_override(tmp_path):
+    c = load_config()
+    assert (c.dpo.beta, c.dpo.loss_type, c.dpo.label_smoothing, c.dpo.sft_weight) == (0.1, "sigmoid", 0.0, 0.0)
+    assert (c.ref.load, c.ref.mode) == ("", "precomputed")
+    c.validate(1)
+    c = load_config(overrides=["dpo.beta=0.2", "ref.mode=live", "dpo.loss_type=robust", "dpo.label_smoothing=0.1",
+                               "dpo.sft_weight=1", "ref.load=/ckpt/sft"])
+    assert (c.dpo.beta, c.ref.mode, c.dpo.loss_type, c.dpo.label_smoothing) == (0.2, "live", "robust", 0.1)
+    assert c.dpo.sft_weight == 1.0 and isinstance(c.dpo.sft_weight, float) and c.ref.load == "/ckpt/sft"
+    c.validate(1)
+    file = tmp_path / "dpo.yaml"
+    file.write_text("dpo:\n  beta: 0.05\n  loss_type: ipo\nref:\n  mode: live\n")
+    c = load_config(str(file))
+    assert (c.dpo.beta, c.dpo.loss_type, c.ref.mode) == (0.05, "ipo", "live")
 
 
 def test_cli_reports_config_errors_before_starting(tmp_path):

@@ -93,6 +93,24 @@ def test_finetune_loads_the_optimizer_only_when_asked(pretrained):
     assert abs(fresh[2]["loss"] - loaded[2]["loss"]) > 1e-4  # different Adam state, different update
 
 
+def test_bf16_finetune_steps_from_the_loaded_weights_not_the_fresh_init(pretrained):
+    """bf16 keeps fp32 main params in the optimizer; loaded without the optimizer they must be
+    refreshed from the loaded weights. With lr 0 a step leaves the weights as loaded (rounded to
+    bf16); a stale copy would put the fresh initialisation (another seed here) back instead."""
+    from megatron_seed.convert.checkpoint_io import load_megatron_model
+    from megatron_seed.platform.distributed import single_process
+
+    ckpt, out = pretrained / "ckpt", pretrained / "ft_bf16_ckpt"
+    run_pretrain(pretrained / "ft_bf16", "train.precision=bf16", "optimizer.lr=0", "optimizer.min_lr=0",
+                 "train.steps=1", "train.seed=7", f"train.load={ckpt}", "train.finetune=true", f"train.save={out}")
+    with single_process():
+        before = dict(load_megatron_model(str(ckpt)).named_parameters())
+        after = dict(load_megatron_model(str(out)).named_parameters())
+    assert sorted(before) == sorted(after)
+    for name, want in before.items():
+        assert torch.equal(after[name].detach().float(), want.detach().to(torch.bfloat16).float()), name
+
+
 def test_finetune_keys_are_validated_and_another_objective_needs_finetune():
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.training.build import check_checkpoint_objective

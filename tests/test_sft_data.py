@@ -1,5 +1,6 @@
 """SFT data: chat rendering checked against transformers' apply_chat_template on SmolLM2's tokenizer,
-record reading with counts that reconcile and a reusable cache, and best-fit-decreasing packing."""
+record reading with counts that reconcile and a reusable cache, prebuilt prefixes
+(tools/preprocess_sft.py) and best-fit-decreasing packing."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from megatron_seed.data.chat import (ChatFormatError, ChatTemplateError, convers
                                      load_chat_tokenizer)
 from megatron_seed.data.packing import (PackedSFTDataset, best_fit_decreasing, build_row, collate, plan_epoch,
                                         segment_ids_to_attention_mask, segment_ids_to_cu_seqlens)
-from megatron_seed.data.sft_data import SFTDataError, build_sft_data
+from megatron_seed.data.sft_data import (SFTData, SFTDataError, SFTPrefixError, build_sft_data, sft_prefix,
+                                         write_sft_prefix)
 
 SYSTEM = {"role": "system", "content": "You are a careful Python programmer."}
 TURNS = [
@@ -289,6 +291,164 @@ def test_strict_stops_at_the_first_bad_record_naming_file_and_line(tmp_path):
         build_sft_data(str(tmp_path / "a.jsonl"), load_chat_tokenizer("byte"), str(tmp_path / "c"), 128, strict=True)
     with pytest.raises(SFTDataError, match="no SFT sample survived"):
         build_sft_data(str(tmp_path / "a.jsonl"), load_chat_tokenizer("byte"), str(tmp_path / "c"), 8)
+
+
+# -- prebuilt prefixes (tools/preprocess_sft.py) ------------------------------------------------------
+
+def preprocess_sft(*args: str) -> int:
+    from megatron_seed.data.preprocess_sft import main
+
+    return main(list(args))
+
+
+def make_prefix(tmp_path, seq_length=200, *extra: str) -> str:
+    write_inputs(tmp_path)
+    prefix = str(tmp_path / "out" / "sft")
+    assert preprocess_sft("--input", str(tmp_path / "*.jsonl*"), str(tmp_path / "c.parquet"), "--output-prefix",
+                          prefix, "--tokenizer-model", "byte", "--seq-length", str(seq_length), *extra) == 0
+    return prefix
+
+
+def test_prefix_tool_writes_the_caches_samples_and_counts(tmp_path, capsys):
+    prefix = make_prefix(tmp_path)
+    assert "records in 12 = written 4 + skipped 8" in capsys.readouterr().err
+    chat = load_chat_tokenizer("byte")
+    cache = build_sft_data([str(tmp_path / "*.jsonl*"), str(tmp_path / "c.parquet")], chat,
+                           str(tmp_path / "cache"), seq_length=200)
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        f"sft_{n}" for n in ("tokens.bin", "tokens.idx", "loss_mask.bin", "loss_mask.idx", "summary.json",
+                             "skipped.jsonl"))
+    built = SFTData(prefix)
+    assert len(built) == len(cache) == 4 and built.lengths.tolist() == cache.lengths.tolist()
+    for i in range(len(cache)):
+        (ids, mask), (want_ids, want_mask) = built.sample(i), cache.sample(i)
+        assert ids.tolist() == want_ids.tolist() and mask.tolist() == want_mask.tolist()
+    s = built.summary
+    assert s.records_in == s.written + s.skipped_total == 12 and s.skipped["too_long"] == 1
+    assert (s.skipped, s.written, s.tokens, s.loss_tokens) == (cache.summary.skipped, cache.summary.written,
+                                                               cache.summary.tokens, cache.summary.loss_tokens)
+    with open(prefix + "_skipped.jsonl") as f:
+        skipped = [json.loads(line) for line in f]
+    reasons = {}
+    for r in skipped:
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+    assert reasons == s.skipped
+    with open(os.path.join(cache.path, "skipped.jsonl")) as f:
+        assert [json.loads(line) for line in f] == skipped
+    assert (s.seq_length, s.overflow, s.train_on_all_tokens) == (200, "drop", False)
+    assert (s.tokenizer, s.tokenizer_spec, s.longest) == (chat.identity, "byte", int(built.lengths.max()))
+
+
+def test_prefix_is_read_by_build_sft_data_and_the_sft_objective(tmp_path):
+    from types import SimpleNamespace
+
+    from megatron_seed.config.schema import ConfigError, DataConfig
+    from megatron_seed.training.sft_objective import build_sft_objective
+
+    prefix = make_prefix(tmp_path)
+    assert sft_prefix(prefix) == prefix and sft_prefix(str(tmp_path / "a.jsonl")) is None
+    chat, cache = load_chat_tokenizer("byte"), str(tmp_path / "cache")
+    data = build_sft_data([prefix], chat, cache, 256)
+    assert (data.path, data.from_cache, len(data)) == (prefix, True, 4)
+
+    def objective(**data_options):
+        d = DataConfig(train=prefix, valid=prefix, tokenizer="byte", cache_dir=cache, seq_length=256)
+        for k, v in data_options.items():
+            setattr(d, k, v)
+        run = SimpleNamespace(data=d, train=SimpleNamespace(seed=1, micro_batch_size=1),
+                              model=SimpleNamespace(vocab_size=chat.vocab_size))
+        ctx = SimpleNamespace(rank=0, is_main=False, dp_rank=0, dp=1, device=torch.device("cpu"))
+        return build_sft_objective(run, ctx, None)  # no process group: a prefix needs no barrier
+
+    train, valid = objective().datasets
+    assert train.data.path == valid.data.path == prefix
+    rows = [train.row(0, i) for i in range(train.num_rows(0))]
+    assert sum(float(r["loss_mask"].sum()) for r in rows) == sum(int(data.sample(i)[1][1:].sum())
+                                                                 for i in range(len(data)))
+    assert not os.path.exists(cache)  # opened, not tokenized again
+    with pytest.raises(ConfigError, match=f"SFT prefix {prefix} .*data.train_on_all_tokens=true"):
+        objective(train_on_all_tokens=True)
+
+
+def test_prefix_that_does_not_fit_the_run_is_refused_naming_it(tmp_path, metaspace_dir):
+    from megatron_seed.config.schema import ConfigError
+    from megatron_seed.data.chat import DEFAULT_CHAT_TEMPLATE
+
+    prefix = make_prefix(tmp_path)
+    chat, cache = load_chat_tokenizer("byte"), str(tmp_path / "cache")
+    longest = SFTData(prefix).summary.longest
+    assert build_sft_data(prefix, chat, cache, longest).summary.written == 4  # exactly long enough: fine
+    other_template = load_chat_tokenizer("byte", chat_template=DEFAULT_CHAT_TEMPLATE + "{# edited #}")
+    other_vocab = load_chat_tokenizer(metaspace_dir, chat_template=DEFAULT_CHAT_TEMPLATE)
+    refused = [
+        (dict(tokenizer=other_template), "another chat tokenizer .*--tokenizer-model byte.*chat template differs"),
+        (dict(tokenizer=other_vocab), "another chat tokenizer .*vocabulary or control tokens differ"),
+        (dict(seq_length=longest - 1), f"up to {longest} tokens .*data.seq_length={longest - 1}.*"
+                                       f"data.seq_length>={longest}"),
+        (dict(train_on_all_tokens=True), "train_on_all_tokens=false, this run has data.train_on_all_tokens=true.*"
+                                         "Set data.train_on_all_tokens=false"),
+    ]
+    for change, message in refused:
+        options = {"tokenizer": chat, "seq_length": 256, "train_on_all_tokens": False, **change}
+        with pytest.raises(SFTPrefixError, match=f"SFT prefix {prefix} .*{message}") as e:
+            build_sft_data(prefix, options["tokenizer"], cache, options["seq_length"],
+                           train_on_all_tokens=options["train_on_all_tokens"])
+        assert isinstance(e.value, ConfigError)
+    assert not os.path.exists(cache)
+
+
+def test_interrupted_prefix_write_leaves_no_summary(tmp_path, monkeypatch):
+    from megatron_seed.data.chat import ChatTokenizer
+
+    write_inputs(tmp_path)
+    chat, prefix, out = load_chat_tokenizer("byte"), str(tmp_path / "out" / "sft"), tmp_path / "out"
+    encode, calls = ChatTokenizer.encode_conversation, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ChatTokenizer, "encode_conversation", failing)
+        with pytest.raises(KeyboardInterrupt):
+            write_sft_prefix(str(tmp_path / "*.jsonl*"), chat, prefix, 200)
+    assert len(calls) == 3 and os.listdir(out) == []  # neither final nor temporary files
+    write_sft_prefix(str(tmp_path / "*.jsonl*"), chat, prefix, 200)
+    assert sft_prefix(prefix) == prefix
+    # A rebuild stopped while renaming its files into place: the old summary is gone first.
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if dst == prefix + "_tokens.idx":
+            raise OSError("disk gone")
+        return replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", failing_replace)
+        with pytest.raises(OSError, match="disk gone"):
+            write_sft_prefix(str(tmp_path / "*.jsonl*"), chat, prefix, 100)
+    assert not os.path.exists(prefix + "_summary.json") and sft_prefix(prefix) is None
+    assert [p for p in os.listdir(out) if ".tmp" in p] == []
+
+
+def test_preprocess_sft_tool_fails_when_nothing_survives(tmp_path):
+    import sys
+
+    from helpers import run_cli
+
+    (tmp_path / "a.jsonl").write_text(json.dumps(good(0)) + "\n[1]\n")
+    prefix = str(tmp_path / "sft")
+    proc = run_cli([sys.executable, "tools/preprocess_sft.py", "--input", str(tmp_path / "a.jsonl"),
+                    "--output-prefix", prefix, "--tokenizer-model", "byte", "--seq-length", "8"], timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "no SFT sample survived (records in 2 = written 0 + skipped 2 (not_an_object 1, too_long 1)" in proc.stderr
+    assert prefix + "_skipped.jsonl" in proc.stderr and not os.path.exists(prefix + "_summary.json")
+    with open(prefix + "_skipped.jsonl") as f:
+        assert [json.loads(line)["reason"] for line in f] == ["too_long", "not_an_object"]
+    assert preprocess_sft("--input", str(tmp_path / "a.jsonl"), "--output-prefix", str(tmp_path) + "/",
+                          "--tokenizer-model", "byte", "--seq-length", "64") == 1  # a directory is no prefix
 
 
 # -- packing -------------------------------------------------------------------------------------

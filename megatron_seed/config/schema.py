@@ -6,6 +6,7 @@ Errors say what to change, naming the config key.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -230,6 +231,49 @@ class TrainConfig:
                  "restores the optimizer anyway)")
 
 
+# The loss types of megatron_seed.training.dpo_loss (kept here so the config imports no torch).
+DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimization (formulas: megatron_seed.training.dpo_loss)."""
+
+    # Strength of the pull towards the reference; for loss_type=ipo the paper's tau.
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
+    # Probability that a preference label is wrong: cDPO for sigmoid, robust DPO for robust.
+    label_smoothing: float = 0.0
+    # Weight of the chosen completion's per-token NLL added to the loss (RPO); 0 = plain DPO.
+    sft_weight: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.loss_type in DPO_LOSS_TYPES, f"dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}")
+        _require(math.isfinite(self.beta) and self.beta > 0, f"dpo.beta must be a finite number > 0, got {self.beta}")
+        _require(0.0 <= self.label_smoothing < 0.5,
+                 f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(not self.label_smoothing or self.loss_type in ("sigmoid", "robust"),
+                 f"dpo.label_smoothing applies to dpo.loss_type sigmoid and robust only; set it to 0 for "
+                 f"dpo.loss_type={self.loss_type}")
+        _require(math.isfinite(self.sft_weight) and self.sft_weight >= 0,
+                 f"dpo.sft_weight must be a finite number >= 0, got {self.sft_weight}")
+
+
+@dataclass
+class RefConfig:
+    """The frozen reference model of DPO."""
+
+    # Checkpoint of the reference weights; empty: the checkpoint the policy starts from (train.load).
+    load: str = ""
+    # "precomputed": reference log-probs computed ahead of the policy forward steps that use them;
+    # "live": computed by the reference model within each forward step, next to the policy.
+    mode: Literal["precomputed", "live"] = "precomputed"
+
+    def validate(self) -> None:
+        _require(self.mode in ("precomputed", "live"), "ref.mode must be 'precomputed' or 'live'")
+        _require(isinstance(self.load, str), "ref.load must be a checkpoint directory or empty (= train.load)")
+
+
 @dataclass
 class RunConfig:
     name: str = "tiny"
@@ -238,9 +282,11 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
 
     def validate(self, world_size: int) -> None:
-        for part in (self.model, self.parallel, self.optimizer, self.data, self.train):
+        for part in (self.model, self.parallel, self.optimizer, self.data, self.train, self.dpo, self.ref):
             part.validate()
         m, p, t = self.model, self.parallel, self.train
         mp = p.tensor * p.pipeline

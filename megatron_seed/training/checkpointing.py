@@ -306,6 +306,12 @@ class Checkpointer:
         loaded = dist_checkpointing.load(sd, found)
         for i, chunk in enumerate(chunks):
             unwrap(chunk).load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+        if optimizer is not None and not with_optimizer:
+            # In bf16 the optimizer steps fp32 main params, copied from the model when it was built,
+            # i.e. from the random init; without this refresh the first step writes that init plus
+            # one update back over the loaded weights (as Megatron-LM does after a load without
+            # the optimizer).
+            optimizer.reload_model_params()
         if with_optimizer:
             optimizer.load_state_dict(loaded["optimizer"])
             _restore_adam_steps(optimizer)

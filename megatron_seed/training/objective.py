@@ -97,6 +97,7 @@ ObjectiveFactory = Callable[["RunConfig", "ParallelContext", Any], Objective]  #
 OBJECTIVES: dict[str, Union[str, ObjectiveFactory]] = {
     "pretrain": "megatron_seed.training.pretrain_objective:build_pretrain_objective",
     "sft": "megatron_seed.training.sft_objective:build_sft_objective",
+    "dpo": "megatron_seed.training.dpo_objective:build_dpo_objective",
 }
 
 

@@ -1,9 +1,10 @@
 """The supervised fine-tuning objective: conversations, packed, loss on assistant tokens only.
 
 Data: ``data.train`` records rendered with the tokenizer's chat template and tokenized once into a
-cache (megatron_seed.data.sft_data), packed whole, best-fit-decreasing, into ``data.seq_length``
-rows per epoch (megatron_seed.data.packing). The global row order is fixed by the seed, so the
-data position is the number of rows consumed, which the loop checkpoints: resume is exact.
+cache (megatron_seed.data.sft_data), or a prefix prebuilt by tools/preprocess_sft.py, packed whole,
+best-fit-decreasing, into ``data.seq_length`` rows per epoch (megatron_seed.data.packing). The
+global row order is fixed by the seed, so the data position is the number of rows consumed, which
+the loop checkpoints: resume is exact.
 
 Attention never crosses a sample boundary: on the local (CPU) spec each row carries a
 block-diagonal causal mask built from its segment ids, which our SDPA core attention applies.
@@ -98,15 +99,17 @@ def _micro_batches(dataset, consumed_rows: int, micro_batch_size: int, dp_rank: 
 
 def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
     """Tokenize (or reuse the cache of) ``data.train`` / ``data.valid`` on rank 0 first, then on
-    the other ranks from the cache, and pack them."""
+    the other ranks from the cache, and pack them. A prefix from tools/preprocess_sft.py is opened
+    on every rank and checked against the run's tokenizer and options instead."""
     from megatron_seed.config.schema import ConfigError
     from megatron_seed.data.chat import load_chat_tokenizer
     from megatron_seed.data.packing import PackedSFTDataset
-    from megatron_seed.data.sft_data import build_sft_data
+    from megatron_seed.data.sft_data import build_sft_data, sft_prefix
 
     d, t = run.data, run.train
     if not d.train:
-        raise ConfigError("the sft objective needs data.train=FILE (jsonl, jsonl.gz or parquet conversations)")
+        raise ConfigError("the sft objective needs data.train=FILE (jsonl, jsonl.gz or parquet conversations) or "
+                          "data.train=PREFIX (written by tools/preprocess_sft.py)")
     chat = load_chat_tokenizer(d.tokenizer, d.chat_template)
     if chat.vocab_size > run.model.vocab_size:
         raise ConfigError(f"the chat tokenizer's vocabulary ({chat.vocab_size}) is larger than "
@@ -119,10 +122,13 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
             continue
         build = partial(build_sft_data, [split], chat, cache, d.seq_length, overflow=d.overflow,
                         train_on_all_tokens=d.train_on_all_tokens)
-        data = build() if ctx.rank == 0 else None  # rank 0 tokenizes and publishes the cache ...
-        torch.distributed.barrier()
-        if data is None:  # ... which the other ranks then read
+        if sft_prefix(split):  # prebuilt: every rank opens and checks it (SFTPrefixError is a ConfigError)
             data = build()
+        else:
+            data = build() if ctx.rank == 0 else None  # rank 0 tokenizes and publishes the cache ...
+            torch.distributed.barrier()
+            if data is None:  # ... which the other ranks then read
+                data = build()
         if ctx.is_main:
             print(f"[sft] {split}: {data.summary.line()}", flush=True)
         datasets.append(PackedSFTDataset(data, d.seq_length, chat.pad_id, t.seed, packing=d.packing))
