@@ -19,13 +19,12 @@ share of the gain that is allocator policy, and the share that is the training s
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from isolated import SideFailed, peak_rss_gib, report, run_side
 
 SHAPES = {  # preset -> (seq, micro-batch)
     "tiny": (64, 2),
@@ -41,7 +40,7 @@ def _time_steps(step, steps: int, warmup: int) -> dict:
         step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"median_s": statistics.median(times), "peak_rss_gib": peak_rss_gib()}
 
 
 def _ours(preset: str, steps: int, warmup: int, overrides: list, precision: str) -> dict:
@@ -116,7 +115,7 @@ def main() -> int:
             result = _ours(preset, args.steps, args.warmup, args.ours.split(), precision)
         else:
             result = _hf(preset, args.steps, args.warmup, precision, keep_freed_memory=side == "hf_keep")
-        print("RESULT " + json.dumps(result), flush=True)
+        report(result)
         return 0
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     print(f"CPU: {cpu_description()} | precision {precision} ({choice.reason})", flush=True)
@@ -124,14 +123,13 @@ def main() -> int:
     for preset in args.presets.split(","):
         results = {}
         for side in ("hf", "hf_keep", "ours"):
-            out = subprocess.run([sys.executable, __file__, "--_child", side, preset, "--steps", str(args.steps),
-                                  "--warmup", str(args.warmup), "--ours", args.ours,
-                                  "--precision", precision], capture_output=True, text=True, env=env)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if not line:
-                print(out.stderr[-3000:], file=sys.stderr)
+            try:
+                results[side] = run_side(f"{preset} {side}", [__file__, "--_child", side, preset, "--steps",
+                                                              str(args.steps), "--warmup", str(args.warmup),
+                                                              "--ours", args.ours, "--precision", precision], env)
+            except SideFailed as err:
+                print(err, file=sys.stderr)
                 return 1
-            results[side] = json.loads(line[0][7:])
         ours, ref = results["ours"], results["hf"]
         print(f"{preset:>11}: ours {ours['median_s']:.4f} s/step, peak {ours['peak_rss_gib']:.2f} GiB | "
               f"{ref_name} {ref['median_s']:.4f} s/step, peak {ref['peak_rss_gib']:.2f} GiB | "
