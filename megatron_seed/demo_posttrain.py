@@ -1,0 +1,135 @@
+"""The demo's post-training stages (8-10), on SmolLM2-135M-Instruct: SFT, on-policy pairs, DPO.
+
+Run by ``python -m megatron_seed.demo`` after pretraining (``--no-posttrain`` skips them). Sizes are
+chosen to show every step of the path in a few minutes on 2 CPU cores, not to move pass@1: each
+stage logs what it did and where its outputs are.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+SFT_FIRST_TASK = 100  # the SFT set: CodeI/O tasks from here on
+STARTER = 16  # problems in megatron_seed/evaluate/assets/starter_problems.jsonl
+SFT_MAX_CHARS = 2400  # short tasks: a packed row of 1024 tokens holds two or three
+
+
+def log(message: str) -> None:
+    print(f"[demo] {message}", file=sys.stderr, flush=True)
+
+
+def run(out: Path, args) -> int:
+    from megatron_seed.convert.gguf import smollm2_hf_dir
+    from megatron_seed.convert.hf_checkpoint import hf_to_mcore
+
+    from megatron_seed.training.checkpointing import latest_checkpoint
+
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    hf = smollm2_hf_dir()
+    base = out / "smollm2"
+    if latest_checkpoint(str(base)) is None:
+        import torch
+
+        hf_to_mcore(hf, str(base), torch.float32)
+    code = sft(out, hf, base, args)
+    if code:
+        return code
+    sft_ckpt = out / "sft_ckpt"
+    from megatron_seed.convert.hf_checkpoint import mcore_to_hf
+
+    mcore_to_hf(str(sft_ckpt), str(out / "sft_hf"))
+    sft_pass = chat_pass_at_1(sft_ckpt, out / "humaneval_sft.jsonl", args.chat_eval_problems)
+    log(f"8/10 sft: exported {out / 'sft_hf'} (Hugging Face); held-out HumanEval pass@1 of its chat replies "
+        f"on {args.chat_eval_problems} problems: {sft_pass:.3f}")
+    pairs = out / "pairs.jsonl"
+    summary = build_pairs(sft_ckpt, pairs, args)
+    if summary["pairs_written"] == 0:
+        log("10/10 dpo: no problem had both passing and failing replies, so there is nothing to prefer; "
+            f"more samples per problem (--pair-samples) give pairs. Post-training took "
+            f"{time.time() - start:.0f} s")
+        return 0
+    code = dpo(out, hf, sft_ckpt, pairs, args)
+    if code:
+        return code
+    dpo_pass = chat_pass_at_1(out / "dpo_ckpt", out / "humaneval_dpo.jsonl", args.chat_eval_problems)
+    record = [json.loads(line) for line in (out / "dpo_run" / "metrics.jsonl").read_text().splitlines()][-1]
+    log(f"10/10 dpo: {args.dpo_steps} steps on {summary['pairs_written']} pairs: loss {record['loss']:.4f} "
+        f"(ln 2 = 0.6931 at the start), rewards/accuracies {record['rewards/accuracies']:.2f}, margins "
+        f"{record['rewards/margins']:.4f}; HumanEval pass@1 {sft_pass:.3f} after SFT -> {dpo_pass:.3f} after DPO "
+        f"(a few steps on a handful of pairs: the path, not a gain). Post-training took {time.time() - start:.0f} s")
+    return 0
+
+
+def sft(out: Path, hf: str, base: Path, args) -> int:
+    from megatron_seed.data.codeio import load_tasks, sft_record
+
+    tasks = [t for t in load_tasks(limit=SFT_FIRST_TASK + 20 * args.sft_tasks)[SFT_FIRST_TASK:]
+             if len(t.description) + len(t.io_spec) + len(t.solution) <= SFT_MAX_CHARS]
+    valid_n = max(2, args.sft_tasks // 8)
+    train, valid = tasks[:args.sft_tasks], tasks[args.sft_tasks:args.sft_tasks + valid_n]
+    for name, part in (("sft_train.jsonl", train), ("sft_valid.jsonl", valid)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(sft_record(t)) + "\n" for t in part)
+    log(f"8/10 sft: SmolLM2-135M-Instruct ({base}), {args.sft_steps} steps on {len(train)} CodeI/O tasks "
+        f"(+{len(valid)} for validation), packed into rows of 1024 tokens")
+    from megatron_seed.sft import main as sft_main
+
+    return sft_main([
+        "--preset", "smollm2_135m", f"train.load={base}", "train.finetune=true", f"data.tokenizer={hf}",
+        f"data.train={out / 'sft_train.jsonl'}", f"data.valid={out / 'sft_valid.jsonl'}",
+        f"data.cache_dir={out / 'cache'}", "data.seq_length=1024", f"train.steps={args.sft_steps}",
+        "train.micro_batch_size=1", "train.global_batch_size=2", "train.log_interval=1",
+        f"train.eval_interval={args.sft_steps}", "train.eval_steps=1", "optimizer.lr=1e-5", "optimizer.min_lr=1e-6",
+        "optimizer.warmup_steps=0", f"train.run_dir={out / 'sft_run'}", f"train.save={out / 'sft_ckpt'}",
+        "train.tensorboard=false",
+    ])
+
+
+def chat_pass_at_1(checkpoint: Path, results: Path, n_problems: int) -> float:
+    """Greedy chat replies of ``checkpoint`` to the first HumanEval problems, judged in the sandbox."""
+    from megatron_seed.evaluate.code import evaluate_chat
+    from megatron_seed.evaluate.judge import load_policy
+    from megatron_seed.evaluate.problems import load_human_eval
+    from megatron_seed.sandbox import Sandbox
+
+    model, chat = load_policy(checkpoint=str(checkpoint))
+    with Sandbox(max_workers=2) as box:
+        summary, rows = evaluate_chat(load_human_eval(limit=n_problems), model, chat, [1], box,
+                                      max_new_tokens=256, progress=False)
+    with open(results, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return summary["pass@1"]
+
+
+def build_pairs(checkpoint: Path, pairs: Path, args) -> dict:
+    from megatron_seed.data.preference_pairs import main as pairs_main
+
+    log(f"9/10 pairs: the SFT model samples {args.pair_samples} replies to each of the {STARTER} starter "
+        "problems (simple function tasks shipped with the package; their tests run in the sandbox)")
+    code = pairs_main(["--checkpoint", str(checkpoint), "--problems", "starter", "--n", str(args.pair_samples),
+                       "--temperature", "0.8", "--max-new-tokens", "160", "--batch-size", str(2 * args.pair_samples),
+                       "--output", str(pairs)])
+    if code:
+        raise SystemExit(code)
+    summary = json.loads(Path(str(pairs).rsplit(".jsonl", 1)[0] + "_summary.json").read_text())
+    log(f"9/10 pairs: problems in {summary['problems_in']} = paired {summary['paired']} + all passed "
+        f"{summary['all_passed']} + all failed {summary['all_failed']} + errors {summary['errors']}; "
+        f"samples {summary['samples_by_status']}; {summary['pairs_written']} pairs -> {pairs}")
+    return summary
+
+
+def dpo(out: Path, hf: str, sft_ckpt: Path, pairs: Path, args) -> int:
+    from megatron_seed.dpo import main as dpo_main
+
+    return dpo_main([
+        "--preset", "smollm2_135m", f"train.load={sft_ckpt}", "train.finetune=true", f"data.tokenizer={hf}",
+        f"data.train={pairs}", f"data.cache_dir={out / 'cache'}", "data.seq_length=512",
+        f"train.steps={args.dpo_steps}", "train.micro_batch_size=1", "train.global_batch_size=2",
+        "train.log_interval=1", "optimizer.lr=5e-6", "optimizer.min_lr=5e-7", "optimizer.warmup_steps=0",
+        "dpo.beta=0.1", f"train.run_dir={out / 'dpo_run'}", f"train.save={out / 'dpo_ckpt'}",
+        "train.tensorboard=false",
+    ])
