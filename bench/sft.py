@@ -42,45 +42,22 @@ import glob
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from isolated import SideFailed, peak_rss_gib, report, run_side  # noqa: E402
+from finetune_common import (Optim, SideFailed, best_runs, failed, keep_freed_memory, model_line,  # noqa: E402
+                             precision_line, run_alternating, run_ours, smollm2_checkpoints, step_clock,
+                             throughput, trl_training_args, warn_if_shared)
+from isolated import peak_rss_gib, report  # noqa: E402
 
 GOAL_SPEEDUP = 1.5
-SEED = 1234
-# One optimizer setting for both sides (each side's own defaults differ: TRL's beta2 0.999, ours 0.95).
-LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 2e-5, (0.9, 0.999), 1e-8, 0.0, 1.0
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+OPTIM = Optim(lr=2e-5)
 
 
 # ---------------------------------------------------------------------------------------- inputs
-def smollm2_checkpoints() -> tuple[str, str]:
-    """(HF directory, our megatron checkpoint) of SmolLM2-135M-Instruct, converted once and cached."""
-    import torch
-
-    from megatron_seed.convert.gguf import smollm2_hf_dir
-    from megatron_seed.convert.hf_checkpoint import hf_to_mcore
-
-    hf = smollm2_hf_dir()
-    ours = os.path.join(os.path.dirname(hf), "smollm2_mcore")
-    if not os.path.isdir(ours):
-        tmp = f"{ours}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:  # renamed into place only when complete, so an interrupted conversion is redone
-            hf_to_mcore(hf, tmp, torch.float32)
-            os.replace(tmp, ours)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return hf, ours
-
-
 def write_records(hf_dir: str, path: str, count: int, seq: int) -> dict:
     """The first ``count`` CodeI/O tasks whose conversation fits in ``seq`` tokens, as
     prompt/completion records (the format both trainers take with a completion-only loss)."""
@@ -105,99 +82,48 @@ def write_records(hf_dir: str, path: str, count: int, seq: int) -> dict:
     return {"records": len(kept), "tokens": tokens, "too_long": too_long}
 
 
-def _throughput(marks: list[tuple[float, float]], warmup: int) -> dict:
-    """``marks[k]`` = (time, cumulative real tokens) at the end of step k (``marks[0]``: the start).
-    Tokens/s over the steps after ``warmup``, and their median step time."""
-    steps = [(marks[k][0] - marks[k - 1][0], marks[k][1] - marks[k - 1][1]) for k in range(warmup + 1, len(marks))]
-    seconds, tokens = sum(s for s, _ in steps), sum(t for _, t in steps)
-    return {"tokens_per_s": tokens / seconds, "median_step_s": statistics.median(s for s, _ in steps),
-            "measured_tokens": tokens, "measured_steps": len(steps)}
-
-
 # ------------------------------------------------------------------------------------ the sides
 def _ours(a: argparse.Namespace, precision: str) -> dict:
-    import torch
-
     from megatron_seed.sft import main as sft_main
 
-    # One process, no launcher: the process group is set up from these.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-
-    # Per process: the run log is appended to, and a repeat must tokenize anew like the first run.
-    run_dir, cache = (os.path.join(a.workdir, f"ours_{name}_{os.getpid()}") for name in ("run", "cache"))
-    argv = ["--preset", "smollm2_135m", f"train.load={a.ckpt}", "train.finetune=true",
-            f"data.train={a.data}", f"data.tokenizer={a.hf}", f"data.cache_dir={cache}",
-            f"data.seq_length={a.seq}", "data.packing=true", "data.train_on_all_tokens=false",
-            f"train.micro_batch_size={a.micro_batch}", f"train.global_batch_size={a.rows}",
-            f"train.steps={a.warmup + a.steps}", f"train.precision={precision}", "train.recompute=none",
-            f"train.seed={SEED}", f"train.run_dir={run_dir}", "train.tensorboard=false", "train.log_interval=1",
-            f"optimizer.lr={LR}", f"optimizer.min_lr={LR}", "optimizer.schedule=constant",
-            "optimizer.warmup_steps=0", f"optimizer.weight_decay={WEIGHT_DECAY}", f"optimizer.adam_beta1={BETAS[0]}",
-            f"optimizer.adam_beta2={BETAS[1]}", f"optimizer.adam_eps={EPS}", f"optimizer.clip_grad={CLIP}",
-            *a.ours.split()]
-    status = sft_main(argv)
-    if status:
-        raise SystemExit(f"megatron_seed.sft exited with status {status}")
-    peak, load = peak_rss_gib(), os.getloadavg()[0]
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    # Each record covers the time since the previous one (train.log_interval=1): one step.
-    marks, clock, tokens = [(0.0, 0.0)], 0.0, 0.0
-    for r in records:
-        clock, tokens = clock + r["step_time_s"], tokens + r["tokens_per_s"] * r["step_time_s"]
-        marks.append((clock, tokens))
-    (summary_path,) = glob.glob(os.path.join(cache, "sft-*", "summary.json"))
+    run = run_ours(sft_main, name="ours", workdir=a.workdir, ckpt=a.ckpt, hf=a.hf, data=a.data, seq=a.seq,
+                   micro_batch=a.micro_batch, global_batch=a.rows, steps=a.warmup + a.steps, precision=precision,
+                   optim=OPTIM, overrides=a.ours.split())
+    records = run["records"]
+    (summary_path,) = glob.glob(os.path.join(run["cache"], "sft-*", "summary.json"))
     with open(summary_path) as f:
         summary = json.load(f)
     measured = records[a.warmup:]
-    return {**_throughput(marks, a.warmup), "peak_rss_gib": peak, "threads": torch.get_num_threads(),
-            "load": load, "data_tokens": summary["tokens"],
+    return {**throughput(run["marks"], a.warmup), "peak_rss_gib": run["peak_rss_gib"], "threads": run["threads"],
+            "load": run["load"], "data_tokens": summary["tokens"],
             "data_loss_tokens": summary["loss_tokens"], "samples": summary["written"],
             "fill": statistics.mean(r["packing_efficiency"] for r in measured),
             "loss": [round(r["loss"], 4) for r in records]}
 
 
-def _trl(a: argparse.Namespace, precision: str, keep_freed_memory: bool = False) -> dict:
-    if keep_freed_memory:  # before torch allocates anything, as our trainer does at start-up
-        from megatron_seed.platform.cpu_allocator import keep_freed_memory as keep
-
-        keep()
+def _trl(a: argparse.Namespace, precision: str, same_allocator: bool = False) -> dict:
+    if same_allocator:
+        keep_freed_memory()
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-
-    class StepClock(TrainerCallback):
-        """(time, real tokens so far) at the start of training and at the end of every optimizer step."""
-
-        def __init__(self):
-            self.marks: list[tuple[float, float]] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.marks.append((time.perf_counter(), float(state.num_input_tokens_seen)))
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append((time.perf_counter(), float(state.num_input_tokens_seen)))
 
     with open(a.data, encoding="utf-8") as f:
         dataset = Dataset.from_list([json.loads(line) for line in f])
     tokenizer = AutoTokenizer.from_pretrained(a.hf)
     model = AutoModelForCausalLM.from_pretrained(a.hf, dtype=torch.float32, attn_implementation="sdpa")
     config = SFTConfig(
-        output_dir=os.path.join(a.workdir, "trl"), max_length=a.seq, packing=True, packing_strategy="bfd",
-        padding_free=True, completion_only_loss=True, assistant_only_loss=False,
-        per_device_train_batch_size=a.trl_micro_batch, gradient_accumulation_steps=a.rows // a.trl_micro_batch,
-        max_steps=a.warmup + a.steps, gradient_checkpointing=False,
-        bf16=precision == "bf16", fp16=False, use_cpu=True,
-        optim="adamw_torch_fused", learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS,
-        weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0,
-        seed=SEED, data_seed=SEED, dataloader_num_workers=0, logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to="none", push_to_hub=False, disable_tqdm=True,
+        max_length=a.seq, packing=True, packing_strategy="bfd", padding_free=True, completion_only_loss=True,
+        assistant_only_loss=False,
         # "all", not "non_padding": padding-free batches hold no padding, and SmolLM2's pad token is
         # <|im_end|>, which "non_padding" would wrongly leave out wherever it is a real token.
         include_num_input_tokens_seen="all",
+        **trl_training_args(output_dir=os.path.join(a.workdir, "trl"), precision=precision, optim=OPTIM,
+                            micro_batch=a.trl_micro_batch, accumulation=a.rows // a.trl_micro_batch,
+                            steps=a.warmup + a.steps),
     )
-    clock = StepClock()
+    clock = step_clock()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[clock])
     rows = trainer.train_dataset
@@ -206,7 +132,7 @@ def _trl(a: argparse.Namespace, precision: str, keep_freed_memory: bool = False)
     trainer.train()
     peak, load = peak_rss_gib(), os.getloadavg()[0]
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
-    return {**_throughput(clock.marks, a.warmup), "peak_rss_gib": peak, "threads": torch.get_num_threads(),
+    return {**throughput(clock.marks, a.warmup), "peak_rss_gib": peak, "threads": torch.get_num_threads(),
             "load": load,
             "data_tokens": sum(sum(n) for n in rows["seq_lengths"]),
             "data_loss_tokens": sum(sum(1 for t in labels if t != -100) for labels in rows["labels"]),
@@ -216,12 +142,6 @@ def _trl(a: argparse.Namespace, precision: str, keep_freed_memory: bool = False)
 
 
 # ----------------------------------------------------------------------------------------- main
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=1024, help="packed row length, both sides")
@@ -257,55 +177,40 @@ def main() -> int:
     if a.warmup < 0 or a.steps < 1 or a.repeats < 1:
         p.error("--warmup must be >= 0, --steps and --repeats >= 1")
 
-    from megatron_seed.platform.precision import choose, cpu_description
-
-    choice = choose(a.precision, "cpu")
-    precision = choice.precision
+    precision, header = precision_line(a.precision)
     if a._child:
         report(_ours(a, precision) if a._child == "ours" else _trl(a, precision, a._child == "trl_keep"))
         return 0
 
-    print(f"CPU: {cpu_description()} | precision {precision} ({choice.reason})", flush=True)
+    print(header, flush=True)
     a.hf, a.ckpt = smollm2_checkpoints()
-    with open(os.path.join(a.hf, "config.json")) as f:
-        cfg = json.load(f)
     a.workdir = tempfile.mkdtemp(prefix="bench_sft_")
     try:
         a.data = os.path.join(a.workdir, "codeio_sft.jsonl")
         data = write_records(a.hf, a.data, a.records, a.seq)
-        print(f"model: SmolLM2-135M-Instruct ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
-              f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} KV, vocab {cfg['vocab_size']})",
-              flush=True)
+        print(model_line(a.hf), flush=True)
         print(f"data: {data['records']} CodeI/O prompt/completion conversations, {data['tokens']} tokens (the "
               f"first that fit in {a.seq}; {data['too_long']} longer ones passed over)", flush=True)
         print(f"step: {a.rows} packed rows of {a.seq} tokens = {a.rows * a.seq} slots | ours: micro-batch "
               f"{a.micro_batch} x {a.rows // a.micro_batch} accumulated | TRL: packing bfd, padding-free, "
               f"micro-batch {a.trl_micro_batch} x {a.rows // a.trl_micro_batch} accumulated", flush=True)
-        print(f"both: AdamW lr {LR:g} (constant) betas {BETAS} wd {WEIGHT_DECAY:g} clip {CLIP:g}, no activation "
+        print(f"both: {OPTIM.line()}, no activation "
               f"recomputation, loss on the completions only | {a.warmup} warm-up + {a.steps} measured steps"
               + (f", best of {a.repeats} runs per side" if a.repeats > 1 else "")
               + (f" | ours with {a.ours}" if a.ours else ""), flush=True)
-        env = dict(os.environ, **OFFLINE)
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)
         common = ["--seq", str(a.seq), "--rows", str(a.rows), "--micro-batch", str(a.micro_batch),
                   "--trl-micro-batch", str(a.trl_micro_batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
                   "--precision", precision, "--ours", a.ours, "--workdir", a.workdir, "--data", a.data,
                   "--hf", a.hf, "--ckpt", a.ckpt]
-        runs = {"trl": [], "ours": [], **({"trl_keep": []} if a.trl_same_allocator else {})}
-        for _ in range(a.repeats):
-            for side in runs:
-                try:
-                    runs[side].append(run_side(side, [os.path.abspath(__file__), "--_child", side, *common], env))
-                except SideFailed as err:
-                    print(f"[bench] FAILED: {err}", file=sys.stderr)
-                    return 1
+        sides = ["trl", "ours", *(["trl_keep"] if a.trl_same_allocator else [])]
+        try:
+            runs = run_alternating(__file__, sides, common, a.repeats)
+        except SideFailed as err:
+            return failed(err)
     finally:
         shutil.rmtree(a.workdir, ignore_errors=True)
 
-    # Each side's fastest run; peak memory the highest of its runs, so a repeat never flatters it.
-    results = {side: {**max(rs, key=lambda r: r["tokens_per_s"]), "peak_rss_gib": max(r["peak_rss_gib"] for r in rs),
-                      "all_tokens_per_s": [round(r["tokens_per_s"]) for r in rs]} for side, rs in runs.items()}
+    results = best_runs(runs)
     ours, trl = results["ours"], results["trl"]
     for name, r in (("ours", ours), ("TRL", trl)):
         runs_note = f", runs {r['all_tokens_per_s']}" if a.repeats > 1 else ""
@@ -316,14 +221,7 @@ def main() -> int:
               f"{r['data_loss_tokens']} with loss | rows {100 * r['fill']:.1f}% full | loss by step {r['loss']}"
               + (f" | accelerate mixed precision {r['mixed_precision']}" if "mixed_precision" in r else ""),
               flush=True)
-    # The 1-minute load average as a side finished counts its own busy threads; more than that
-    # means other processes shared the cores, which slows the side with more, smaller parallel
-    # regions far more than the other (each waits for a descheduled thread), so the ratio is off.
-    busy = {name: r["load"] for name, r in (("ours", ours), ("TRL", trl)) if r["load"] > r["threads"] + 1}
-    if busy:
-        print(f"[bench] WARNING: other processes were using the CPUs ({os.cpu_count()}) during the run: 1-minute "
-              f"load {', '.join(f'{k} {v:.1f}' for k, v in busy.items())}; these figures are distorted, run it "
-              f"again on an idle machine (or with --repeats)", flush=True)
+    warn_if_shared({"ours": ours, "TRL": trl})
     if ours["data_tokens"] != trl["data_tokens"] or ours["samples"] != trl["samples"]:
         print("[bench] FAILED: the two sides did not tokenize the same data", file=sys.stderr)
         return 1
