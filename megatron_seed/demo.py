@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--humaneval-problems", type=int, default=16, help="HumanEval problems to evaluate on")
     parser.add_argument("--no-posttrain", action="store_true", help="stop after stage 7 (no SmolLM2 SFT/DPO)")
     parser.add_argument("--sft-tasks", type=int, default=48, help="CodeI/O tasks in the SFT set")
-    parser.add_argument("--sft-steps", type=int, default=4)
+    parser.add_argument("--sft-steps", type=int, default=3)
     parser.add_argument("--pair-samples", type=int, default=4, help="replies sampled per problem")
     parser.add_argument("--dpo-steps", type=int, default=3)
     parser.add_argument("--chat-eval-problems", type=int, default=8, help="HumanEval problems for the chat models")

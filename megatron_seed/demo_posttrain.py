@@ -17,8 +17,9 @@ STARTER = 16  # problems in megatron_seed/evaluate/assets/starter_problems.jsonl
 SFT_MAX_CHARS = 2400  # short tasks: a packed row of 1024 tokens holds two or three
 
 
-def log(message: str) -> None:
-    print(f"[demo] {message}", file=sys.stderr, flush=True)
+def log(message: str, start: float) -> None:
+    """A stage line with the seconds since post-training began."""
+    print(f"[demo] {message} [{time.time() - start:.0f} s]", file=sys.stderr, flush=True)
 
 
 def run(out: Path, args) -> int:
@@ -35,7 +36,7 @@ def run(out: Path, args) -> int:
         import torch
 
         hf_to_mcore(hf, str(base), torch.float32)
-    code = sft(out, hf, base, args)
+    code = sft(out, hf, base, args, start)
     if code:
         return code
     sft_ckpt = out / "sft_ckpt"
@@ -44,13 +45,12 @@ def run(out: Path, args) -> int:
     mcore_to_hf(str(sft_ckpt), str(out / "sft_hf"))
     sft_pass = chat_pass_at_1(sft_ckpt, out / "humaneval_sft.jsonl", args.chat_eval_problems)
     log(f"8/10 sft: exported {out / 'sft_hf'} (Hugging Face); held-out HumanEval pass@1 of its chat replies "
-        f"on {args.chat_eval_problems} problems: {sft_pass:.3f}")
+        f"on {args.chat_eval_problems} problems: {sft_pass:.3f}", start)
     pairs = out / "pairs.jsonl"
-    summary = build_pairs(sft_ckpt, pairs, args)
+    summary = build_pairs(sft_ckpt, pairs, args, start)
     if summary["pairs_written"] == 0:
         log("10/10 dpo: no problem had both passing and failing replies, so there is nothing to prefer; "
-            f"more samples per problem (--pair-samples) give pairs. Post-training took "
-            f"{time.time() - start:.0f} s")
+            "more samples per problem (--pair-samples) give pairs", start)
         return 0
     code = dpo(out, hf, sft_ckpt, pairs, args)
     if code:
@@ -60,11 +60,11 @@ def run(out: Path, args) -> int:
     log(f"10/10 dpo: {args.dpo_steps} steps on {summary['pairs_written']} pairs: loss {record['loss']:.4f} "
         f"(ln 2 = 0.6931 at the start), rewards/accuracies {record['rewards/accuracies']:.2f}, margins "
         f"{record['rewards/margins']:.4f}; HumanEval pass@1 {sft_pass:.3f} after SFT -> {dpo_pass:.3f} after DPO "
-        f"(a few steps on a handful of pairs: the path, not a gain). Post-training took {time.time() - start:.0f} s")
+        "(a few steps on a handful of pairs: the path, not a gain)", start)
     return 0
 
 
-def sft(out: Path, hf: str, base: Path, args) -> int:
+def sft(out: Path, hf: str, base: Path, args, start: float) -> int:
     from megatron_seed.data.codeio import load_tasks, sft_record
 
     tasks = [t for t in load_tasks(limit=SFT_FIRST_TASK + 20 * args.sft_tasks)[SFT_FIRST_TASK:]
@@ -75,7 +75,7 @@ def sft(out: Path, hf: str, base: Path, args) -> int:
         with open(out / name, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(sft_record(t)) + "\n" for t in part)
     log(f"8/10 sft: SmolLM2-135M-Instruct ({base}), {args.sft_steps} steps on {len(train)} CodeI/O tasks "
-        f"(+{len(valid)} for validation), packed into rows of 1024 tokens")
+        f"(+{len(valid)} for validation), packed into rows of 1024 tokens", start)
     from megatron_seed.sft import main as sft_main
 
     return sft_main([
@@ -99,17 +99,17 @@ def chat_pass_at_1(checkpoint: Path, results: Path, n_problems: int) -> float:
     model, chat = load_policy(checkpoint=str(checkpoint))
     with Sandbox(max_workers=2) as box:
         summary, rows = evaluate_chat(load_human_eval(limit=n_problems), model, chat, [1], box,
-                                      max_new_tokens=256, progress=False)
+                                      max_new_tokens=192, progress=False)
     with open(results, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return summary["pass@1"]
 
 
-def build_pairs(checkpoint: Path, pairs: Path, args) -> dict:
+def build_pairs(checkpoint: Path, pairs: Path, args, start: float) -> dict:
     from megatron_seed.data.preference_pairs import main as pairs_main
 
     log(f"9/10 pairs: the SFT model samples {args.pair_samples} replies to each of the {STARTER} starter "
-        "problems (simple function tasks shipped with the package; their tests run in the sandbox)")
+        "problems (simple function tasks shipped with the package; their tests run in the sandbox)", start)
     code = pairs_main(["--checkpoint", str(checkpoint), "--problems", "starter", "--n", str(args.pair_samples),
                        "--temperature", "0.8", "--max-new-tokens", "160", "--batch-size", str(2 * args.pair_samples),
                        "--output", str(pairs)])
@@ -118,7 +118,7 @@ def build_pairs(checkpoint: Path, pairs: Path, args) -> dict:
     summary = json.loads(Path(str(pairs).rsplit(".jsonl", 1)[0] + "_summary.json").read_text())
     log(f"9/10 pairs: problems in {summary['problems_in']} = paired {summary['paired']} + all passed "
         f"{summary['all_passed']} + all failed {summary['all_failed']} + errors {summary['errors']}; "
-        f"samples {summary['samples_by_status']}; {summary['pairs_written']} pairs -> {pairs}")
+        f"samples {summary['samples_by_status']}; {summary['pairs_written']} pairs -> {pairs}", start)
     return summary
 
 
