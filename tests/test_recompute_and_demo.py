@@ -51,8 +51,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert pairs["problems_in"] == 16 == (pairs["paired"] + pairs["all_passed"] + pairs["all_failed"]
                                           + sum(pairs["errors"].values()))
     assert pairs["samples"] == 48 and "9/10 pairs" in proc.stderr
-    if pairs["pairs_written"]:  # sampling decides; the demo says so when no problem is mixed
-        dpo = [json.loads(line) for line in (post / "dpo_run" / "metrics.jsonl").read_text().splitlines()]
-        assert abs(dpo[0]["loss"] - 0.6931) < 2e-3 and "rewards/accuracies" in dpo[0]
-        assert "HumanEval pass@1" in proc.stderr and "after DPO" in proc.stderr
+    # Seeded sampling at temperature 0.8: 9-14 of the 16 starter problems came out mixed in every run.
+    assert pairs["pairs_written"] > 0
+    dpo = [json.loads(line) for line in (post / "dpo_run" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(dpo[0]["loss"] - 0.6931) < 2e-3 and "rewards/accuracies" in dpo[0]
+    assert "HumanEval pass@1" in proc.stderr and "after DPO" in proc.stderr
     assert "10/10 dpo" in proc.stderr
