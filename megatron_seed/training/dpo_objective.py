@@ -47,7 +47,7 @@ import torch
 
 from megatron_seed.data.packing import PackedSFTDataset, build_row, segment_ids_to_attention_mask
 from megatron_seed.training.objective import TOKENS, Objective
-from megatron_seed.training.sft_objective import _micro_batches
+from megatron_seed.training.sft_objective import _micro_batches, on_rank0_first, run_chat_tokenizer
 
 
 class PackedPairDataset(PackedSFTDataset):
@@ -271,7 +271,6 @@ def build_dpo_objective(run, ctx, tokenizer) -> DPOObjective:
     """Pairs tokenized (rank 0 first, then the others from the cache), reference log-probs computed
     once or read from the cache (``ref.mode=precomputed``), or a reference model kept (``live``)."""
     from megatron_seed.config.schema import ConfigError
-    from megatron_seed.data.chat import load_chat_tokenizer
     from megatron_seed.data.preference_data import build_pair_data
 
     d, t = run.data, run.train
@@ -285,10 +284,7 @@ def build_dpo_objective(run, ctx, tokenizer) -> DPOObjective:
     if run.ref.mode == "live" and run.parallel.pipeline > 1:
         raise ConfigError("ref.mode=live needs parallel.pipeline=1; use ref.mode=precomputed (the default) "
                           "with pipeline parallelism")
-    chat = load_chat_tokenizer(d.tokenizer, d.chat_template)
-    if chat.vocab_size > run.model.vocab_size:
-        raise ConfigError(f"the chat tokenizer's vocabulary ({chat.vocab_size}) is larger than "
-                          f"model.vocab_size ({run.model.vocab_size})")
+    chat = run_chat_tokenizer(run)
     cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_seed", "dpo")
     datasets, pair_data = [], []
     for split in (d.train, d.valid):
@@ -297,10 +293,7 @@ def build_dpo_objective(run, ctx, tokenizer) -> DPOObjective:
             pair_data.append(None)
             continue
         build = partial(build_pair_data, [split], chat, cache, d.seq_length, overflow=d.overflow)
-        data = build() if ctx.rank == 0 else None  # rank 0 tokenizes and publishes the cache ...
-        torch.distributed.barrier()
-        if data is None:  # ... which the other ranks then read
-            data = build()
+        data = on_rank0_first(build, ctx)
         if ctx.is_main:
             print(f"[dpo] {split}: {data.summary.line()}", flush=True)
         pair_data.append(data)

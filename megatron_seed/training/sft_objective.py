@@ -97,12 +97,31 @@ def _micro_batches(dataset, consumed_rows: int, micro_batch_size: int, dp_rank: 
         yield batch
 
 
+def run_chat_tokenizer(run):
+    """The chat tokenizer of ``data.tokenizer`` / ``data.chat_template``, checked against the model."""
+    from megatron_seed.config.schema import ConfigError
+    from megatron_seed.data.chat import load_chat_tokenizer
+
+    chat = load_chat_tokenizer(run.data.tokenizer, run.data.chat_template)
+    if chat.vocab_size > run.model.vocab_size:
+        raise ConfigError(f"the chat tokenizer's vocabulary ({chat.vocab_size}) is larger than "
+                          f"model.vocab_size ({run.model.vocab_size})")
+    return chat
+
+
+def on_rank0_first(build, ctx):
+    """``build()`` on rank 0, which tokenizes and publishes a cache, then on the other ranks, which
+    read it: one tokenization per job however many ranks."""
+    data = build() if ctx.rank == 0 else None
+    torch.distributed.barrier()
+    return build() if data is None else data
+
+
 def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
     """Tokenize (or reuse the cache of) ``data.train`` / ``data.valid`` on rank 0 first, then on
     the other ranks from the cache, and pack them. A prefix from tools/preprocess_sft.py is opened
     on every rank and checked against the run's tokenizer and options instead."""
     from megatron_seed.config.schema import ConfigError
-    from megatron_seed.data.chat import load_chat_tokenizer
     from megatron_seed.data.packing import PackedSFTDataset
     from megatron_seed.data.sft_data import build_sft_data, sft_prefix
 
@@ -110,10 +129,7 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
     if not d.train:
         raise ConfigError("the sft objective needs data.train=FILE (jsonl, jsonl.gz or parquet conversations) or "
                           "data.train=PREFIX (written by tools/preprocess_sft.py)")
-    chat = load_chat_tokenizer(d.tokenizer, d.chat_template)
-    if chat.vocab_size > run.model.vocab_size:
-        raise ConfigError(f"the chat tokenizer's vocabulary ({chat.vocab_size}) is larger than "
-                          f"model.vocab_size ({run.model.vocab_size})")
+    chat = run_chat_tokenizer(run)
     cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_seed", "sft")
     datasets = []
     for split in (d.train, d.valid):
@@ -122,13 +138,8 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
             continue
         build = partial(build_sft_data, [split], chat, cache, d.seq_length, overflow=d.overflow,
                         train_on_all_tokens=d.train_on_all_tokens)
-        if sft_prefix(split):  # prebuilt: every rank opens and checks it (SFTPrefixError is a ConfigError)
-            data = build()
-        else:
-            data = build() if ctx.rank == 0 else None  # rank 0 tokenizes and publishes the cache ...
-            torch.distributed.barrier()
-            if data is None:  # ... which the other ranks then read
-                data = build()
+        # prebuilt: every rank opens and checks it (SFTPrefixError is a ConfigError)
+        data = build() if sft_prefix(split) else on_rank0_first(build, ctx)
         if ctx.is_main:
             print(f"[sft] {split}: {data.summary.line()}", flush=True)
         datasets.append(PackedSFTDataset(data, d.seq_length, chat.pad_id, t.seed, packing=d.packing))
