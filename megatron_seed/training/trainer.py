@@ -122,6 +122,10 @@ class Trainer:
         means, tokens = self._reduce(reports)
         return StepResult(means, means[self.objective.loss_key], tokens, grad_norm, lr)
 
+    def skipped_step(self) -> StepResult:
+        nan = float("nan")
+        return StepResult({k: nan for k in self.metric_keys}, nan, 0.0, None, self.optimizer.param_groups[0]["lr"])
+
     @torch.no_grad()
     def evaluate(self, steps: int) -> Optional[dict[str, float]]:
         iterators = self._iterators(1, 0)
@@ -149,20 +153,24 @@ class Trainer:
             chunk.train()
         window_start, window_tokens = time.perf_counter(), 0.0
         while self.state.step < t.steps:
-            self.objective.before_step(self.state.step)
-            result = self.train_step(iterators)
+            # An objective may find nothing to train on for a step (RL: every group dropped): the
+            # step is counted and logged, without a forward, backward or optimizer update.
+            update = self.objective.before_step(self.state.step) is not False
+            result = self.train_step(iterators) if update else self.skipped_step()
             self.state.step += 1
             self.state.consumed_samples += t.global_batch_size
             window_tokens += result.tokens
-            if not math.isfinite(result.loss):
+            if update and not math.isfinite(result.loss):
                 raise FloatingPointError(f"loss is {result.loss} at step {self.state.step}; lower "
                                          "optimizer.lr or check the data")
             if self.state.step % t.log_interval == 0 or self.state.step == t.steps:
                 elapsed = time.perf_counter() - window_start
+                extra = {k: v for k, v in result.metrics.items() if k != self.objective.loss_key}
+                extra.update(self.objective.step_metrics())
                 record = metrics.step_record(
                     self.state.step, result.loss, result.lr, result.grad_norm,
                     window_tokens, elapsed, self.flops_per_token, self.ctx.world_size, self.peak_tflops,
-                    extra={k: v for k, v in result.metrics.items() if k != self.objective.loss_key})
+                    extra=extra)
                 self.history.append(record)
                 self.logger.log(record)
                 for callback in self.callbacks:
@@ -180,4 +188,5 @@ class Trainer:
         if t.save and (not t.save_interval or self.state.step % t.save_interval != 0):
             self.save()
         self.checkpointer.close()
+        self.objective.close()
         return self.history
