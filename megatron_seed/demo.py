@@ -24,7 +24,10 @@ Post-training, on a real instruct model (SmolLM2-135M-Instruct, from the ``llm-s
               pass@1 of the model's own chat replies, judged in the sandbox;
 9. pairs      on-policy preference pairs: the SFT model samples replies to other CodeI/O problems,
               their hidden tests run in the sandbox, passing vs failing replies become pairs;
-10. dpo       a few DPO steps on those pairs (reference log-probs precomputed), HumanEval again.
+10. dpo       a few DPO steps on those pairs (reference log-probs precomputed), HumanEval again;
+11. rl        a few RL steps (GRPO with DAPO's recipe: rollouts from our engine, rewards from unit
+              tests in the sandbox) after DPO, then HumanEval pass@1 of the base, SFT, DPO and RL
+              models side by side.
 
 Each stage prints what it did; the run directory holds everything.
 
@@ -57,11 +60,12 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer (and model) vocabulary")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
     parser.add_argument("--humaneval-problems", type=int, default=16, help="HumanEval problems to evaluate on")
-    parser.add_argument("--no-posttrain", action="store_true", help="stop after stage 7 (no SmolLM2 SFT/DPO)")
+    parser.add_argument("--no-posttrain", action="store_true", help="stop after stage 7 (no SmolLM2 SFT/DPO/RL)")
     parser.add_argument("--sft-tasks", type=int, default=48, help="CodeI/O tasks in the SFT set")
     parser.add_argument("--sft-steps", type=int, default=3)
     parser.add_argument("--pair-samples", type=int, default=4, help="replies sampled per problem")
     parser.add_argument("--dpo-steps", type=int, default=3)
+    parser.add_argument("--rl-steps", type=int, default=2, help="RL steps after DPO (0: none)")
     parser.add_argument("--chat-eval-problems", type=int, default=8, help="HumanEval problems for the chat models")
     parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
@@ -77,13 +81,13 @@ def main(argv=None) -> int:
 
     jsonl = data / "code.jsonl"
     n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files, site_packages=args.site_packages_files)
-    log(f"1/10 corpus: {n_files} files ({args.max_files} standard library + {args.site_packages_files} "
+    log(f"1/11 corpus: {n_files} files ({args.max_files} standard library + {args.site_packages_files} "
         f"site-packages, sampled) -> {n_records} records -> {jsonl}")
 
     from datatrove_pipelines import curate
 
     curated = out / "curation"
-    log("2/10 curate: filters, exact + near dedup, decontamination, LLM oracle labels, scorer, bottom "
+    log("2/11 curate: filters, exact + near dedup, decontamination, LLM oracle labels, scorer, bottom "
         f"{args.drop_fraction:.0%} dropped (oracle: {args.oracle or 'SmolLM2-135M-Instruct on CPU'})")
     curate_args = ["--input", str(jsonl), "--output", str(curated), "--tasks", "2", "--workers", str(args.workers),
                    "--oracle-sample", str(args.oracle_sample), "--max-tokens", "256",
@@ -95,12 +99,12 @@ def main(argv=None) -> int:
         curate_args += ["--oracle", args.oracle]
     stats = curate.run(curate.build_parser().parse_args(curate_args))
     kept = sorted(str(p) for p in (curated / "kept").glob("*.jsonl.gz"))
-    log(f"2/10 curate: {stats['documents_in']} files in = {stats['kept']} kept + {stats['dropped_total']} dropped "
+    log(f"2/11 curate: {stats['documents_in']} files in = {stats['kept']} kept + {stats['dropped_total']} dropped "
         f"{stats['dropped']} (details: {curated / 'stats.json'}, {curated / 'score_histogram.png'})")
 
     tokenizer_dir = out / "tokenizer"
     tokenizer_training.train_bpe(tokenizer_training.iter_texts(kept), args.vocab_size, str(tokenizer_dir))
-    log(f"3/10 tokenizer: byte-level BPE on the kept files, vocab {args.vocab_size} -> {tokenizer_dir}")
+    log(f"3/11 tokenizer: byte-level BPE on the kept files, vocab {args.vocab_size} -> {tokenizer_dir}")
 
     prefix = data / "code"
     code = preprocess.main(["--input", *kept, "--output-prefix", str(prefix), "--json-keys", "text",
@@ -109,9 +113,9 @@ def main(argv=None) -> int:
     if code:
         return code
     dataset = preprocess.output_prefix(str(prefix), "text")
-    log(f"4/10 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
+    log(f"4/11 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
 
-    log("5/10 pretrain: tiny preset on the curated tokens")
+    log("5/11 pretrain: tiny preset on the curated tokens")
     from megatron_seed.pretrain import main as pretrain
 
     code = pretrain([
@@ -157,7 +161,7 @@ def evaluate_on_humaneval(checkpoints: Path, samples_path: Path, n_problems: int
             f.write(json.dumps(sample) + "\n")
     with Sandbox(max_workers=2) as box:
         summary, _ = evaluate(problems, samples, [1], box, progress=False)
-    log(f"7/10 evaluate: {len(samples)} HumanEval completions ({samples_path}) run in the sandbox: "
+    log(f"7/11 evaluate: {len(samples)} HumanEval completions ({samples_path}) run in the sandbox: "
         f"pass@1 {summary['pass@1']:.3f}, outcomes {summary['statuses']}")
     return 0
 
@@ -176,7 +180,7 @@ def export_and_generate(checkpoints: Path, hf_dir: Path, prompt: str = "def main
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    log(f"6/10 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    log(f"6/11 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"params); greedy continuation of {prompt!r}:")
     print(prompt + text, flush=True)
     return 0

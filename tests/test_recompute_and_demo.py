@@ -19,7 +19,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     # run_cli: on timeout the demo's whole process group ends, not only the demo process.
     proc = run_cli([sys.executable, "-m", "megatron_seed.demo", "--out", str(out), "--max-files", "80",
                     "--site-packages-files", "20", "--oracle-sample", "8", "--sft-tasks", "8", "--sft-steps", "2",
-                    "--pair-samples", "3", "--dpo-steps", "2", "--chat-eval-problems", "2", "train.steps=20",
+                    "--pair-samples", "3", "--dpo-steps", "2", "--rl-steps", "1", "--chat-eval-problems", "2", "train.steps=20",
                     "train.tensorboard=false"], timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Curation: the counts reconcile, the oracle labelled, the scorer trained, 10% were dropped.
@@ -36,9 +36,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert got[20] < got[5] - 0.3  # real code is learnable
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
     assert "validation loss" in proc.stderr
-    assert "6/10 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
+    assert "6/11 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
     assert proc.stdout.startswith("def main(argv=None):")
-    assert "7/10 evaluate" in proc.stderr and "pass@1" in proc.stderr
+    assert "7/11 evaluate" in proc.stderr and "pass@1" in proc.stderr
     samples = [json.loads(line) for line in (out / "humaneval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 16 and all(isinstance(s["completion"], str) for s in samples)
     # Post-training on SmolLM2-135M-Instruct: SFT with validation, exported; pairs whose counts
@@ -46,14 +46,20 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     post = out / "posttrain"
     sft = [json.loads(line) for line in (post / "sft_run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft] == [1, 2] and all(r["loss_tokens"] > 0 for r in sft)
-    assert (post / "sft_hf" / "model.safetensors").exists() and "8/10 sft" in proc.stderr
+    assert (post / "sft_hf" / "model.safetensors").exists() and "8/11 sft" in proc.stderr
     pairs = json.loads((post / "pairs_summary.json").read_text())
     assert pairs["problems_in"] == 16 == (pairs["paired"] + pairs["all_passed"] + pairs["all_failed"]
                                           + sum(pairs["errors"].values()))
-    assert pairs["samples"] == 48 and "9/10 pairs" in proc.stderr
+    assert pairs["samples"] == 48 and "9/11 pairs" in proc.stderr
     # Seeded sampling at temperature 0.8: 9-14 of the 16 starter problems came out mixed in every run.
     assert pairs["pairs_written"] > 0
     dpo = [json.loads(line) for line in (post / "dpo_run" / "metrics.jsonl").read_text().splitlines()]
     assert abs(dpo[0]["loss"] - 0.6931) < 2e-3 and "rewards/accuracies" in dpo[0]
     assert "HumanEval pass@1" in proc.stderr and "after DPO" in proc.stderr
-    assert "10/10 dpo" in proc.stderr
+    assert "10/11 dpo" in proc.stderr
+    # RL after DPO: one step, rollouts scored by the starter problems' tests; all four models scored.
+    rl = [json.loads(line) for line in (post / "rl_run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rl] == [1] and "11/11 rl" in proc.stderr
+    assert 0 <= rl[0]["pass_rate"] <= 1 and rl[0]["groups_kept"] + rl[0]["groups_dropped"] >= 2
+    scores = json.loads((post / "pass_at_1.json").read_text())
+    assert set(scores) == {"base", "SFT", "DPO", "RL"} and all(0 <= v <= 1 for v in scores.values())

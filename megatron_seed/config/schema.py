@@ -144,11 +144,13 @@ class DataConfig:
     train_on_all_tokens: bool = False  # loss on every token, not only the assistant turns
     overflow: Literal["drop", "truncate"] = "drop"  # samples longer than seq_length
 
-    def validate(self) -> None:
+    def validate(self, needs_token_data: bool = True) -> None:
         _require(self.seq_length > 0, "data.seq_length must be positive")
         _require(self.overflow in ("drop", "truncate"), "data.overflow must be 'drop' or 'truncate'")
-        if self.train is not None:
-            return  # conversations; their files are checked, with the record at fault, when read
+        if self.train is not None or not needs_token_data:
+            # conversations (their files are checked, with the record at fault, when read), or an
+            # objective that makes its own data (RL samples it)
+            return
         _require(self.mock or bool(self.blend),
                  "data.blend is empty: give data.blend=[PREFIX] (files PREFIX.bin/.idx, e.g. from "
                  "tools/preprocess_data.py) or data.mock=true for synthetic tokens")
@@ -364,8 +366,9 @@ class RunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
 
     def validate(self, world_size: int) -> None:
-        for part in (self.model, self.parallel, self.optimizer, self.data, self.train, self.dpo, self.ref, self.rl):
+        for part in (self.model, self.parallel, self.optimizer, self.train, self.dpo, self.ref, self.rl):
             part.validate()
+        self.data.validate(needs_token_data=self.train.objective != "rl")
         m, p, t = self.model, self.parallel, self.train
         mp = p.tensor * p.pipeline
         _require(world_size % mp == 0,
@@ -403,6 +406,9 @@ class RunConfig:
                      f"train.global_batch_size ({t.global_batch_size}) must equal the rollouts of one update, "
                      f"rl.prompts_per_step x rl.group_size / rl.updates_per_batch = {r.rollouts_per_update()}: "
                      f"set train.global_batch_size={r.rollouts_per_update()}")
+            _require(not p.overlap_param_gather,
+                     "the rl objective needs parallel.overlap_param_gather=false: the rollout engine reads the "
+                     "parameters right after the optimizer step, before an overlapped all-gather would fill them")
             _require(self.data.seq_length > r.max_new_tokens,
                      f"data.seq_length ({self.data.seq_length}) must hold a prompt and rl.max_new_tokens "
                      f"({r.max_new_tokens}) generated tokens")

@@ -218,10 +218,8 @@ class RLObjective(Objective):
             need = rl.prompts_per_step - len(kept)
             try:
                 problems = self.pool.take(need)
-            except PoolExhausted:
-                if rounds == 0:
-                    raise
-                _log("the pool is empty: training on the groups already kept")
+            except PoolExhausted as err:
+                _log(f"step {step + 1}: {err}; training on the {len(kept)} group(s) already kept")
                 break
             groups = self._generate_and_score(problems, step, rounds, timing)
             for group in groups:
