@@ -122,10 +122,13 @@ def test_overlong_filtering_trains_no_truncated_rollout(start, tmp_path):
 
 def test_several_updates_per_batch_and_the_kl_term(start, tmp_path):
     run = tmp_path / "kl"
-    rl(run, start, "rl.updates_per_batch=2", "train.global_batch_size=4", "rl.kl_coef=0.1", steps=2)
+    rl(run, start, "rl.updates_per_batch=2", "train.global_batch_size=4", "rl.kl_coef=0.1", "rl.tis_cap=2",
+       steps=2)
     first, second = records(run)
-    # Step 1: the policy is the reference and the old policy: KL 0, nothing clipped.
+    # Step 1: the policy is the reference and the old policy: KL 0, nothing clipped; the engine
+    # sampled from the same fp32 weights, so the truncated importance weights are 1.
     assert first["kl"] == pytest.approx(0.0, abs=1e-7) and first["clip_frac"] == 0.0
+    assert first["tis_weight"] == pytest.approx(1.0, abs=1e-4)
     # Step 2 trains the batch's second half with the weights step 1 changed: it moved off both.
     assert second["kl"] > 0
     lines = read_jsonl(run / "rollouts.jsonl")
