@@ -228,6 +228,10 @@ FAKE_CLI = textwrap.dedent("""
 """) % FAMILY
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_signal_to_a_cli_ends_its_process_group(tmp_path, sig):
     """SIGINT (Ctrl-C) and SIGTERM reach the supervisor, which ends the group; after kill -9 of the
@@ -235,8 +239,10 @@ def test_signal_to_a_cli_ends_its_process_group(tmp_path, sig):
     (tmp_path / "fake_cli.py").write_text(FAKE_CLI)
     pids = tmp_path / "pids"
     env = dict(subprocess_env(), PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    # A shell that runs this suite in the background starts it with SIGINT ignored, and Python keeps an
+    # ignored SIGINT: give the CLI the default disposition a terminal user's Ctrl-C meets.
     supervisor = subprocess.Popen([sys.executable, "-m", "fake_cli", str(pids), "plain"], cwd=tmp_path, env=env,
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=_default_sigint)
     family = []
     try:
         wait_for_file(pids, supervisor, timeout=60)
