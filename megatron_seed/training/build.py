@@ -52,7 +52,14 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
         from megatron_seed.platform.cpu_allocator import keep_freed_memory
 
         keep_freed_memory()
+    threads = None
+    if ctx.device.type == "cpu" and t.cpu_threads_main_only:
+        from megatron_seed.platform.cpu_threads import keep_intra_op_threads_on_main
+
+        threads = keep_intra_op_threads_on_main()
     logger = RunLogger(t.run_dir, ctx.is_main, t.steps, t.tensorboard)
+    if threads is not None and ctx.is_main:
+        logger.info(f"cpu threads: {threads}")
     tokenizer = load_tokenizer(run.data.tokenizer)
     if tokenizer.vocab_size > run.model.vocab_size:
         raise ConfigError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than "
