@@ -266,3 +266,45 @@ def test_truncated_is_weights():
     assert not w.requires_grad  # a constant weight, as TRL's is computed without gradient
     with pytest.raises(ValueError, match="cap"):
         truncated_is_weights(trainer, engine, cap=0.0)
+
+
+@pytest.fixture
+def tensor_parallel_of_one(tmp_path):
+    from megatron.core import parallel_state
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def test_token_logps_and_entropy_at_chosen_positions_equal_plain_torch(tensor_parallel_of_one):
+    """The trainer's log-probs (and their gradient) and entropies, computed only where the loss needs
+    them, equal a plain float64 log_softmax over the whole tensor there; elsewhere they are 0."""
+    from megatron_seed.training.rl_objective import token_logps_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    b, s, v, temperature = 2, 37, 301, 0.6
+    logits = (torch.randn(b, s, v, generator=g) * 4).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, v, (b, s), generator=g)
+    where = torch.zeros(b, s)
+    where[0, 5:30] = 1
+    where[1, 11:12] = 1
+    logps, ent = token_logps_and_entropy(logits, labels, temperature, where=where)
+
+    ref_logits = logits.detach().double().requires_grad_()
+    logp_all = torch.log_softmax(ref_logits / temperature, dim=-1)
+    ref = logp_all.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * where
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1).detach() * where
+    torch.testing.assert_close(logps.double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=0, atol=1e-4)
+    weights = torch.randn(b, s, generator=g)
+    (logps * weights).sum().backward()
+    (ref * weights).sum().backward()
+    # The gradient is stored in the logits' bf16: within its rounding of the float64 gradient.
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=2 ** -8, atol=1e-5)
+    assert float(logits.grad[where == 0].abs().max()) == 0.0
+    full, full_ent = token_logps_and_entropy(logits.detach(), labels, temperature)
+    torch.testing.assert_close(full * where, logps.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(full_ent * where, ent, rtol=0, atol=1e-6)
