@@ -1,6 +1,6 @@
 """Seconds per RL (GRPO) step on CPU: megatron-seed vs TRL's GRPOTrainer, in the same run.
 
-    python bench/rl.py [--prompts 2] [--group 4] [--max-new-tokens 128] [--micro-batch 2] [--warmup 1]
+    python bench/rl.py [--prompts 2] [--group 4] [--max-new-tokens 128] [--micro-batch 0] [--warmup 1]
                        [--steps 3] [--precision auto|bf16|fp32] [--test-timeout 5] [--threads N]
                        [--ours "key=value ..."] [--quick]
 
@@ -336,8 +336,9 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=2, help="prompts (groups) per step, both sides")
     p.add_argument("--group", type=int, default=4, help="samples per prompt (TRL: num_generations)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per completion at most, both sides (TRL: max_completion_length)")
-    p.add_argument("--micro-batch", type=int, default=2,
-                   help="rollouts per micro-batch, both sides (divides --prompts x --group)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="rollouts per micro-batch, both sides (divides --prompts x --group); 0 (default): the "
+                        "whole generation batch in one micro-batch, as CPU memory allows at these shapes")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--steps", type=int, default=3, help="measured steps")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
@@ -358,6 +359,7 @@ def main() -> int:
         a.prompts, a.group, a.max_new_tokens, a.micro_batch, a.warmup, a.steps = 1, 2, 16, 2, 1, 1
     if a.prompts < 1 or a.group < 2 or a.max_new_tokens < 1:
         p.error("--prompts and --max-new-tokens must be >= 1, --group >= 2")
+    a.micro_batch = a.micro_batch or a.prompts * a.group
     if a.micro_batch < 1 or (a.prompts * a.group) % a.micro_batch:
         p.error(f"--micro-batch {a.micro_batch} must divide --prompts x --group = {a.prompts * a.group}")
     if a.warmup < 0 or a.steps < 1 or a.threads < 0:
