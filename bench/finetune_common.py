@@ -41,6 +41,13 @@ class Optim:
     def line(self) -> str:
         return f"AdamW lr {self.lr:g} (constant) betas {self.betas} wd {self.weight_decay:g} clip {self.clip:g}"
 
+    def overrides(self) -> list[str]:
+        """This setting as our trainer's ``optimizer.*`` overrides (constant LR, no warm-up)."""
+        return [f"optimizer.lr={self.lr}", f"optimizer.min_lr={self.lr}", "optimizer.schedule=constant",
+                "optimizer.warmup_steps=0", f"optimizer.weight_decay={self.weight_decay}",
+                f"optimizer.adam_beta1={self.betas[0]}", f"optimizer.adam_beta2={self.betas[1]}",
+                f"optimizer.adam_eps={self.eps}", f"optimizer.clip_grad={self.clip}"]
+
 
 # ---------------------------------------------------------------------------------------- inputs
 def smollm2_checkpoints() -> tuple[str, str]:
@@ -113,10 +120,7 @@ def run_ours(entry: Callable[[list], int], *, name: str, workdir: str, ckpt: str
             f"train.micro_batch_size={micro_batch}", f"train.global_batch_size={global_batch}",
             f"train.steps={steps}", f"train.precision={precision}", "train.recompute=none",
             f"train.seed={SEED}", f"train.run_dir={run_dir}", "train.tensorboard=false", "train.log_interval=1",
-            f"optimizer.lr={optim.lr}", f"optimizer.min_lr={optim.lr}", "optimizer.schedule=constant",
-            "optimizer.warmup_steps=0", f"optimizer.weight_decay={optim.weight_decay}",
-            f"optimizer.adam_beta1={optim.betas[0]}", f"optimizer.adam_beta2={optim.betas[1]}",
-            f"optimizer.adam_eps={optim.eps}", f"optimizer.clip_grad={optim.clip}", *overrides]
+            *optim.overrides(), *overrides]
     status = entry(argv)
     if status:
         raise SystemExit(f"{entry.__module__} exited with status {status}")

@@ -165,10 +165,7 @@ def _ours(a: argparse.Namespace, precision: str) -> dict:
             f"train.micro_batch_size={a.micro_batch}", f"train.global_batch_size={rollouts}",
             f"train.steps={a.warmup + a.steps}", f"train.precision={precision}", "train.recompute=none",
             f"train.seed={SEED}", f"train.run_dir={run_dir}", "train.tensorboard=false", "train.log_interval=1",
-            f"optimizer.lr={OPTIM.lr}", f"optimizer.min_lr={OPTIM.lr}", "optimizer.schedule=constant",
-            "optimizer.warmup_steps=0", f"optimizer.weight_decay={OPTIM.weight_decay}",
-            f"optimizer.adam_beta1={OPTIM.betas[0]}", f"optimizer.adam_beta2={OPTIM.betas[1]}",
-            f"optimizer.adam_eps={OPTIM.eps}", f"optimizer.clip_grad={OPTIM.clip}", *a.ours.split()]
+            *OPTIM.overrides(), *a.ours.split()]
     status = rl_main(argv)
     if status:
         raise SystemExit(f"megatron_seed.rl exited with status {status}")
