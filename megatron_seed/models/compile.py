@@ -63,7 +63,7 @@ def compile_elementwise(chunks: list) -> None:
     compile_rotary_embedding()
     for chunk in chunks:
         for module in chunk.modules():
-            if isinstance(module, COMPILED_CLASSES):
+            if isinstance(module, COMPILED_CLASSES) and not getattr(module, "uses_triton", False):
                 # Shapes are fixed within a run (seq length, micro-batch): static shapes give the
                 # simplest kernels; an eval batch of another size recompiles once.
                 module.compile(dynamic=False)

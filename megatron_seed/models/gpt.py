@@ -6,6 +6,9 @@ this module only translates our :class:`ModelConfig` into those two and picks th
 * Transformer Engine spec (fused layers, FP8) when ``transformer_engine`` imports and CUDA is up;
 * megatron-core local spec otherwise, with core attention swapped for :class:`SDPAttention`.
 
+``model.kernels`` decides where Triton kernels replace torch code (norm, activation, RoPE, the
+fused lm-head loss); that choice lives in megatron_seed.models.kernel_selection.
+
 Parallelism (TP/PP/VPP, sequence parallel), recompute and precision are applied here from the
 run config, in one place, not inside the model definition.
 """
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 
 from megatron_seed.config.schema import ModelConfig, ParallelConfig, TrainConfig
 from megatron_seed.models.fp8 import Fp8Recipe, enable_fp8_emulation, transformer_config_kwargs
+from megatron_seed.models.kernel_selection import (enable_fused_rope, fused_lm_loss, norm_and_activation,
+                                                   resolve_kernels)
 
 
 def transformer_engine_available() -> bool:
@@ -60,6 +65,11 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
     # FP8 in the config only for Transformer Engine; local layers get the emulation from
     # build_model_chunks (megatron_seed.models.fp8).
     fp8 = transformer_config_kwargs(Fp8Recipe(format=train.fp8)) if train.fp8 and impl == "transformer_engine" else {}
+    # Fused RoPE: TE's where TE filled megatron-core's slot, else the Triton kernel's (model.kernels).
+    from megatron.core.models.common.embeddings import rope_utils
+
+    rope_fusion = (resolve_kernels(model.kernels) == "triton" and enable_fused_rope()) or (
+        impl == "transformer_engine" and rope_utils.fused_apply_rotary_pos_emb is not None)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -96,7 +106,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
         masked_softmax_fusion=impl == "transformer_engine",
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=bool(rope_fusion),
         # The local spec puts SwiGLU in the MLP's activation-module slot (megatron_seed.models.swiglu).
         use_te_activation_func=impl == "local",
         cross_entropy_loss_fusion=False,
@@ -108,16 +118,14 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
 
 def layer_spec(model: ModelConfig):
     """The transformer layer spec: Transformer Engine's, or megatron-core's local one with our
-    RMSNorm (sequence-parallel capable) and, by default, SDPA core attention."""
+    RMSNorm (sequence-parallel capable) and SwiGLU (torch or Triton, by ``model.kernels``) and,
+    by default, SDPA core attention."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_impl(model) == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    from megatron_seed.models.norm import RMSNorm
-
+    RMSNorm, SwiGLU = norm_and_activation(resolve_kernels(model.kernels))
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
-    from megatron_seed.models.swiglu import SwiGLU
-
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.mlp.submodules.activation_func = SwiGLU
@@ -137,8 +145,7 @@ def block_spec(model: ModelConfig, config, vp_stage):
     spec = layer_spec(model)
     if resolve_impl(model) == "transformer_engine":
         return spec
-    from megatron_seed.models.norm import RMSNorm
-
+    RMSNorm, _ = norm_and_activation(resolve_kernels(model.kernels))
     layers = get_num_layers_to_build(config, vp_stage=vp_stage,
                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
@@ -147,13 +154,23 @@ def block_spec(model: ModelConfig, config, vp_stage):
 @functools.cache  # one class per process (megatron-core is imported lazily, hence not at module level)
 def _seed_gpt_model_class():
     """megatron-core's GPTModel with the language-model loss computed by our chunked vocab-parallel
-    cross entropy (no float32 [tokens, vocab] tensors; see megatron_seed.models.cross_entropy).
-    Everything else, including the fused TE/native cross entropy when configured, is upstream's."""
+    cross entropy (no float32 [tokens, vocab] tensors; see megatron_seed.models.cross_entropy), or,
+    with ``fused_linear_loss`` set (model.kernels=triton), by the Triton fused linear cross-entropy
+    from the final hidden states (no logits at all). Everything else, including the fused TE/native
+    cross entropy when configured, is upstream's."""
     from megatron.core.models.gpt import GPTModel
 
     from megatron_seed.models.cross_entropy import vocab_parallel_cross_entropy
 
     class SeedGPTModel(GPTModel):
+        fused_linear_loss = False
+
+        def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+            if (self.fused_linear_loss and labels is not None and self.post_process
+                    and self.config.mtp_num_layers is None and kwargs.get("inference_context") is None):
+                return fused_lm_loss(self, hidden_states, labels, kwargs.get("loss_mask"))
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+
         def compute_language_model_loss(self, labels, logits):
             if self.config.cross_entropy_loss_fusion:
                 return super().compute_language_model_loss(labels, logits)
@@ -191,6 +208,9 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: Trai
     from megatron_seed.models.init import init_parameters
 
     init_parameters(chunks, seed, model.init_std, model.num_layers)
+    if resolve_kernels(model.kernels) == "triton" and not train.fp8:
+        for gpt in chunks:
+            gpt.fused_linear_loss = True
     if train.fp8 and resolve_impl(model) != "transformer_engine":
         enable_fp8_emulation(chunks, Fp8Recipe(format=train.fp8))
     if train.compile and resolve_impl(model) != "transformer_engine":

@@ -79,6 +79,10 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
                     f"world {ctx.world_size} (tp {ctx.tp} pp {ctx.pp} dp {ctx.dp}"
                     f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}) | {ctx.device} | launcher {ctx.launcher}")
     model_chunks = build_model_chunks(run.model, p, t, run.data.seq_length, t.seed)
+    if ctx.is_main:
+        from megatron_seed.models.kernel_selection import describe_kernels
+
+        logger.info(f"model.kernels={run.model.kernels}: {describe_kernels(model_chunks)}")
     if t.compile and ctx.is_main:
         from megatron_seed.models.compile import compiled_modules
 

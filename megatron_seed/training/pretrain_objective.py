@@ -52,7 +52,9 @@ class PretrainObjective(Objective):
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        # loss_mask lets a fused lm-head loss skip masked positions (model.kernels); unused otherwise.
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       loss_mask=batch["loss_mask"])
         return output, partial(lm_loss, batch["loss_mask"])
 
 

@@ -68,7 +68,8 @@ class SFTObjective(Objective):
 
         batch = next(data_iterator)
         mask = segment_ids_to_attention_mask(batch["segment_ids"])
-        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
+                       loss_mask=batch["loss_mask"])  # see PretrainObjective.forward_step
         return output, partial(sft_loss, batch["loss_mask"], batch["segment_ids"] > 0)
 
 
