@@ -94,7 +94,7 @@ def _local_labels(labels: torch.Tensor, vocab_local: int, tp_group) -> tuple[tor
 
 
 def _chunked_pass(hidden, weight, local_labels, counted, row_scale, tp_group, chunk_rows, want_grads,
-                  want_loss=True):
+                  want_loss=True, accum_dtype=None):
     """One walk over the token chunks: per-token loss (float32) and, if asked, d hidden and d weight
     for ``row_scale`` as the incoming per-token gradient."""
     rows, hidden_size = hidden.shape
@@ -102,8 +102,10 @@ def _chunked_pass(hidden, weight, local_labels, counted, row_scale, tp_group, ch
     tp = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
     loss = torch.zeros(rows, dtype=torch.float32, device=hidden.device) if want_loss else None
     grad_hidden = torch.empty_like(hidden) if want_grads else None
-    # d weight accumulates in float32 over chunks (one rounding at the end).
-    grad_weight = torch.zeros(vocab, hidden_size, dtype=torch.float32, device=hidden.device) if want_grads else None
+    # d weight accumulates over the chunks in place, by default in the weight's dtype (as Liger-Kernel
+    # does: no extra weight-sized buffer); accum_dtype=torch.float32 rounds once, at the end.
+    grad_weight = torch.zeros(vocab, hidden_size, dtype=accum_dtype or weight.dtype,
+                              device=hidden.device) if want_grads else None
     block_vocab = min(next_power_of_2(vocab), 4096)
     for a in range(0, rows, chunk_rows):
         b = min(rows, a + chunk_rows)
@@ -131,16 +133,26 @@ def _chunked_pass(hidden, weight, local_labels, counted, row_scale, tp_group, ch
         _logits_to_grad[(triton.cdiv(n, block_rows), triton.cdiv(vocab, block_vocab))](
             logits, labels_c, lse.contiguous(), scale, n, vocab, BLOCK_ROWS=block_rows, BLOCK_VOCAB=block_vocab)
         torch.matmul(logits, weight, out=grad_hidden[a:b])
-        if logits.dtype == torch.float32:
+        if grad_weight.dtype == logits.dtype:
             grad_weight.addmm_(logits.t(), hidden[a:b])
-        else:
-            grad_weight += logits.t() @ hidden[a:b]
+        else:  # a wider accumulator: add vocab slices, so the temporary stays small
+            for v in range(0, vocab, 8192):
+                grad_weight[v:v + 8192] += logits[:, v:v + 8192].t() @ hidden[a:b]
     return loss, grad_hidden, grad_weight
+
+
+def _uniform_counted_gradient(g: torch.Tensor, counted: torch.Tensor) -> Optional[torch.Tensor]:
+    """The incoming gradient's one value on the counted tokens (0 if there are none), or None if it
+    differs between them: then the forward-time gradients cannot be reused. One host sync."""
+    counted_g = g[counted]
+    if counted_g.numel() == 0:
+        return torch.zeros((), device=g.device)
+    return counted_g[0] if bool((counted_g == counted_g[0]).all()) else None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, tp_group, chunk_rows, want_grads):
+    def forward(ctx, hidden, weight, labels, tp_group, chunk_rows, want_grads, accum_dtype):
         check_device(hidden, weight)
         rows, hidden_size = hidden.shape
         if rows == 0:
@@ -149,9 +161,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local_labels, counted = _local_labels(labels, weight.shape[0], tp_group)
         ones = torch.ones(rows, dtype=torch.float32, device=hidden.device)
         loss, grad_hidden, grad_weight = _chunked_pass(hidden, weight, local_labels, counted, ones, tp_group,
-                                                       chunk_rows, want_grads)
+                                                       chunk_rows, want_grads, accum_dtype=accum_dtype)
         ctx.save_for_backward(hidden, weight, local_labels, counted, grad_hidden, grad_weight)
-        ctx.tp_group, ctx.chunk_rows = tp_group, chunk_rows
+        ctx.tp_group, ctx.chunk_rows, ctx.accum_dtype = tp_group, chunk_rows, accum_dtype
         ctx.consumed = False
         return loss
 
@@ -159,28 +171,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         hidden, weight, local_labels, counted, grad_hidden, grad_weight = ctx.saved_tensors
         g = grad_loss.float()
-        counted_g = g[counted]
-        if counted_g.numel() == 0:
-            return torch.zeros_like(hidden), torch.zeros_like(weight), None, None, None, None
-        first = counted_g[0]
-        if bool((counted_g == first).all()):  # one host sync per call: picks the cheap exact path
+        scale = _uniform_counted_gradient(g, counted)
+        if scale is not None:
             if ctx.consumed:
                 raise RuntimeError("linear_cross_entropy: backward ran twice; its saved gradients are scaled in "
                                    "place (they are as large as the weight), so retain_graph is not supported")
             ctx.consumed = True
-            d_hidden = (grad_hidden.float() * first).to(hidden.dtype) if grad_hidden.dtype != torch.float32 \
-                else grad_hidden.mul_(first)
-            d_weight = grad_weight.mul_(first).to(weight.dtype)
-            return d_hidden, d_weight, None, None, None, None
+            # In place: one rounding of the exact product, as out of place, without a copy.
+            return grad_hidden.mul_(scale), grad_weight.mul_(scale).to(weight.dtype), None, None, None, None, None
         _, d_hidden, d_weight = _chunked_pass(hidden, weight, local_labels, counted, g, ctx.tp_group,
-                                              ctx.chunk_rows, want_grads=True, want_loss=False)
-        return d_hidden, d_weight.to(weight.dtype), None, None, None, None
+                                              ctx.chunk_rows, want_grads=True, want_loss=False,
+                                              accum_dtype=ctx.accum_dtype)
+        return d_hidden, d_weight.to(weight.dtype), None, None, None, None, None
 
 
 def linear_cross_entropy_per_token(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                   tp_group=None, chunk_rows: Optional[int] = None) -> torch.Tensor:
+                                   tp_group=None, chunk_rows: Optional[int] = None,
+                                   accum_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Per-token loss [tokens] (float32; 0 where the label is ``ignore_index`` = -100) of
-    ``hidden [tokens, hidden] @ weight.T`` (``weight`` [vocab or vocab / tp, hidden])."""
+    ``hidden [tokens, hidden] @ weight.T`` (``weight`` [vocab or vocab / tp, hidden]).
+    ``accum_dtype``: the weight gradient's accumulator over chunks (default: the weight's dtype)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} must be [tokens, h] and weight "
                          f"{tuple(weight.shape)} [vocab, h] with the same h")
@@ -192,12 +202,12 @@ def linear_cross_entropy_per_token(hidden: torch.Tensor, weight: torch.Tensor, l
     # no_grad, e.g. evaluation, only the loss is computed).
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), labels.contiguous(), tp_group,
-                                     chunk_rows, want_grads)
+                                     chunk_rows, want_grads, accum_dtype)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = IGNORE_INDEX, tp_group=None,
-                         chunk_rows: Optional[int] = None) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, tp_group=None, chunk_rows: Optional[int] = None,
+                         accum_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Mean cross-entropy over the tokens whose label is not ``ignore_index`` (0 if there are none).
 
     ``hidden`` [..., h], ``weight`` [vocab, h] (or this rank's vocab slice with ``tp_group``),
@@ -206,7 +216,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if ignore_index != IGNORE_INDEX:
         flat_labels = torch.where(flat_labels == ignore_index, IGNORE_INDEX, flat_labels)
     per_token = linear_cross_entropy_per_token(hidden.reshape(-1, hidden.shape[-1]), weight, flat_labels,
-                                               tp_group, chunk_rows)
+                                               tp_group, chunk_rows, accum_dtype)
     count = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     return per_token.sum() / count
 

@@ -119,11 +119,12 @@ def _ce_inputs(rows, hidden, vocab, dtype, seed=3):
     return leaf(h, dtype), leaf(w, dtype), labels
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_cross_entropy_at_gpt2_vocab(dtype):
+@pytest.mark.parametrize("dtype,accum_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                               (torch.bfloat16, torch.float32)])
+def test_linear_cross_entropy_at_gpt2_vocab(dtype, accum_dtype):
     # hidden 1000, vocab 50,257 (not a multiple of the vocab block), 23 tokens in chunks of 8
     h, w, labels = _ce_inputs(23, 1000, 50257, dtype)
-    loss = kernels.linear_cross_entropy(h, w, labels, chunk_rows=8)
+    loss = kernels.linear_cross_entropy(h, w, labels, chunk_rows=8, accum_dtype=accum_dtype)
     loss.backward()
     want, (dh, dw) = float64_grads(lambda h, w: F.cross_entropy(h @ w.t(), labels, ignore_index=-100), h, w,
                                    grad_out=torch.ones(()))
