@@ -219,7 +219,8 @@ def test_remote_sandbox_service():
             assert results[1].status == "timeout"
         finally:
             server.shutdown()
-    assert RemoteSandbox("http://127.0.0.1:9", timeout=2).run("print(1)").status == "sandbox_error"
+    # a host that refuses connections: retried until retry_for, then a sandbox_error Result
+    assert RemoteSandbox("http://127.0.0.1:9", timeout=2, retry_for=1).run("print(1)").status == "sandbox_error"
 
 
 # A process that owns Sandboxes with runs in flight: the zygote (started by a run_many worker
@@ -299,8 +300,10 @@ def test_nothing_outlives_a_killed_sandbox_owner():
 
 
 def test_nothing_outlives_a_killed_sandbox_service():
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_seed.sandbox.remote", "--port", "0", "--workers", "1"],
-                            cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    # --max-wall-seconds: the run below asks for 300 s, above the service's default maximum
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_seed.sandbox.remote", "--port", "0", "--workers", "1",
+                             "--max-wall-seconds", "300"], cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE,
+                            text=True)
     try:
         line = proc.stderr.readline()
         assert "serving on" in line, line + (proc.stderr.read() if proc.poll() is not None else "")

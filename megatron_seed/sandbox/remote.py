@@ -1,88 +1,65 @@
-"""Delegating runs to a sandbox service over HTTP, and a minimal service to run on sandbox hosts.
+"""Delegating runs to sandbox service hosts over HTTP, and the service to run on those hosts.
 
-Client: ``RemoteSandbox("http://sandbox-host:8900")`` has :class:`Sandbox`'s ``run`` /
-``run_many``; each run is ``POST /run`` with JSON ``{code, language, stdin, test_code, limits}``
-and the response is a :class:`Result` as JSON. Scale out by running many hosts behind a load
-balancer; the client only needs the URL (no other network access is made).
+Service (one per sandbox host; each job runs in a local :class:`Sandbox`)::
 
-Service: ``python -m megatron_seed.sandbox.remote --host 0.0.0.0 --port 8900 --workers 8`` runs a
-local :class:`Sandbox` per host. It has no authentication: bind it to a private network.
+    export MEGATRON_SEED_SANDBOX_TOKEN=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
+    python -m megatron_seed.sandbox.remote --host 127.0.0.1 --port 8900 --workers 8
+
+Client::
+
+    RemoteSandbox("https://sandbox-1:8900")                      # token from $MEGATRON_SEED_SANDBOX_TOKEN
+    RemoteSandbox(["http://sandbox-1:8900", "http://sandbox-2:8900"], token=token)
+
+It has :class:`Sandbox`'s ``run`` / ``run_many`` and returns the same :class:`Result` objects;
+when the service fails (unreachable, busy past ``retry_for``, a rejected request) the Result has
+status ``sandbox_error`` and says why: it never raises for a service failure. ``run_many`` splits
+the jobs into contiguous slices, one ``POST /run_many`` per host in parallel, results in input
+order; a slice whose host fails is sent to another host.
+
+Authentication: a shared token, from ``$MEGATRON_SEED_SANDBOX_TOKEN`` or ``--token-file`` (never
+the command line, which ``ps`` shows), at least 16 characters. Clients send
+``Authorization: Bearer <token>``; the service compares in constant time. Without a token the
+service serves loopback only (and says so on stderr); a non-loopback ``--host`` without a token
+is refused unless ``--insecure-no-auth``. The token is not encryption: across machines, put the
+service on loopback behind a TLS-terminating reverse proxy (nginx, caddy) and give clients the
+``https://`` URL.
+
+Endpoints (JSON in, JSON out)::
+
+    POST /run       {"code", "language"?, "stdin"?, "test_code"?, "limits"?}  -> a Result
+    POST /run_many  {"jobs": [job, ...]}                                    -> {"results": [Result, ...]}
+    GET  /health    -> {"status": "ok"}  (no token needed; says nothing else)
+
+Errors are ``{"error": message, "field": name}`` (field when one is at fault) with 400 (not
+JSON, unknown / missing / wrongly typed field, unknown language, a limit above the host's
+maximum), 401 (token missing or wrong), 404, 405, 408 (request not received within
+``--request-timeout``), 411 (no Content-Length), 413 (body, code, stdin or job count over the
+host's limits), 503 + ``Retry-After`` (wait line or connection cap full), 500 (a bug; details go
+to the service's stderr only).
+
+Limits: the body size is checked against Content-Length before a byte of it is read
+(``--max-body-bytes``, default 4 MiB), then code + test_code (``--max-code-bytes``), stdin
+(``--max-stdin-bytes``) and jobs per batch (``--max-batch-jobs``). A job's ``limits`` may not
+exceed the host's maxima (``--max-wall-seconds``, ``--max-cpu-seconds``, ``--max-memory-bytes``,
+``--max-processes``, ``--max-file-bytes``, ``--max-open-files``, ``--max-output-bytes``,
+``--max-kill-output-bytes``): such a job is rejected with 400, not clamped, since a verdict
+under other limits than asked for would be silently wrong; a job without ``limits`` gets the
+defaults capped at those maxima. ``--workers`` jobs run at once (each is a process: about one per
+core), ``--queue`` requests wait for them, ``--max-connections`` connections are open at once
+(those still sending included); beyond that 503 + Retry-After. A client that does not send its
+whole request within ``--request-timeout`` seconds is dropped (408 for a body) without holding a
+worker. Memory of the service is therefore bounded by about max-connections x max-body-bytes for
+requests plus workers x (jobs x 2 x output_bytes) for answers being built.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
 
-from megatron_seed.sandbox.runner import Limits, Result, Sandbox
+from megatron_seed.sandbox.remote_client import RemoteSandbox
+from megatron_seed.sandbox.remote_service import ServiceConfig, check_exposure, main, make_server
 
-
-class RemoteSandbox:
-    def __init__(self, url: str, timeout: float = 120.0, max_workers: int = 8):
-        self.url = url.rstrip("/")
-        self.timeout = timeout
-        self.max_workers = max_workers
-
-    def run(self, code: str, language: str = "python", stdin: str = "", test_code: Optional[str] = None,
-            limits: Optional[Limits] = None) -> Result:
-        body = json.dumps({"code": code, "language": language, "stdin": stdin, "test_code": test_code,
-                           "limits": asdict(limits) if limits else None}).encode()
-        request = urllib.request.Request(self.url + "/run", data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return Result(**json.loads(response.read()))
-        except (OSError, ValueError, TypeError) as e:
-            return Result("sandbox_error", None, "", f"sandbox service {self.url}: {e}", 0.0, 0.0, detail=str(e))
-
-    def run_many(self, jobs: list[dict]) -> list[Result]:
-        with ThreadPoolExecutor(self.max_workers) as pool:
-            return list(pool.map(lambda job: self.run(**job), jobs))
-
-
-def make_server(host: str, port: int, sandbox: Sandbox) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            if self.path != "/run":
-                self.send_error(404, "POST /run")
-                return
-            try:
-                job = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                limits = job.pop("limits", None)
-                result = sandbox.run(limits=Limits(**limits) if limits else None, **job)
-            except (ValueError, TypeError) as e:
-                self.send_error(400, f"bad request: {e}")
-                return
-            payload = json.dumps(result.to_dict()).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):  # quiet: one line per request is noise at thousands/s
-            pass
-
-    return ThreadingHTTPServer((host, port), Handler)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megatron_seed.sandbox.remote", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8900)
-    p.add_argument("--workers", type=int, default=2)
-    args = p.parse_args(argv)
-    server = make_server(args.host, args.port, Sandbox(max_workers=args.workers))
-    print(f"[sandbox] serving on http://{args.host}:{server.server_address[1]}", file=sys.stderr, flush=True)
-    server.serve_forever()
-    return 0
-
+__all__ = ["RemoteSandbox", "ServiceConfig", "check_exposure", "main", "make_server"]
 
 if __name__ == "__main__":
     sys.exit(main())
