@@ -1,0 +1,210 @@
+"""Measure on this machine what the memory plan models, category by category.
+
+The real training stack is assembled as ``training/build.py`` does (model chunks, megatron-core
+DDP with its fp32 grad buffer, the megatron optimizer) and training steps run through
+megatron-core's schedule under :class:`LiveStorageBytes`, a dispatch mode that counts every tensor
+storage created inside it until it is freed, on CPU as on GPU. (torch's ``MemTracker`` does the
+same with categories, but refuses a second forward of the root module, i.e. a second
+micro-batch, and calls ``module.buffers()``, which megatron-core's DDP shadows with a list.)
+
+* weights: bytes of this rank's parameters; gradients: bytes of the DDP grad buffers;
+* optimizer state: the storages the optimizer holds besides the parameters (fp32 master weights,
+  Adam's m and v), after its first step;
+* activations + logits: the peak of tensors alive during the second step's forward and backward
+  passes (all micro-batches), above everything that existed before it, plus the buffers the first
+  step left behind that are not the optimizer's (megatron-core's sequence-parallel all-gather
+  buffer, cached masks).
+
+Process memory (RSS on CPU) cannot isolate these: it also holds the Python/torch runtime, and for
+small models that runtime is most of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from megatron_seed.config.schema import RunConfig
+
+
+class LiveStorageBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that ops allocate while the mode is active and that are still
+    alive (``current``), and their maximum (``peak``). Tensors from before, such as parameters,
+    are never counted, even when an op returns a view of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._refs.pop(key, None)
+        self.current -= nbytes
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._refs and self._refs[key]() is storage:
+            return
+        nbytes = storage.nbytes()
+        # torch keeps one Python object per storage while the storage lives, so this callback
+        # runs when the memory is released.
+        self._refs[key] = weakref.ref(storage, lambda _, k=key, n=nbytes: self._freed(k, n))
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # An output sharing storage with an input allocated nothing: views, in-place ops, and
+        # collectives (c10d's ops return their output buffers without an alias annotation).
+        given = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if _dense(t)}
+        for value in tree_flatten(out)[0]:
+            if _dense(value) and id(value.untyped_storage()) not in given:
+                self._add(value)
+        return out
+
+
+def _dense(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type != "meta"
+
+
+def _batches(run: RunConfig, device, seed: int):
+    """Endless synthetic micro-batches shaped like the pretraining objective's."""
+    b, s, v = run.train.micro_batch_size, run.data.seq_length, run.model.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        tokens = torch.randint(0, v, (b, s + 1), generator=generator)
+        yield {"tokens": tokens[:, :-1].contiguous().to(device), "labels": tokens[:, 1:].contiguous().to(device),
+               "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous().to(device),
+               "loss_mask": torch.ones(b, s, device=device)}
+
+
+def _forward_step(data_iterator, model):
+    from functools import partial
+
+    from megatron_seed.training.pretrain_objective import lm_loss
+
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
+    return output, partial(lm_loss, batch["loss_mask"])
+
+
+def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
+    """Bytes per category on this rank for ``run``'s layout (processes and groups from the
+    launcher's environment: one process, or torchrun). Tears down the process groups it started."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_seed.models.gpt import build_model_chunks
+    from megatron_seed.platform import distributed
+    from megatron_seed.training.build import resolve_run_precision
+    from megatron_seed.training.setup import build_optimizer, wrap_for_training
+
+    p = run.parallel
+    started = not torch.distributed.is_initialized()
+    ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=seed)
+    try:
+        run = resolve_run_precision(copy.deepcopy(run), ctx)
+        chunks = build_model_chunks(run.model, p, run.train, run.data.seq_length, seed)
+        for chunk in chunks:
+            chunk.config.calculate_per_token_loss = False
+        wrapped = wrap_for_training(chunks, run)
+        weights = sum(t.numel() * t.element_size() for t in {id(q): q for c in wrapped for q in c.parameters()}.values())
+        gradients = sum(b.grad_data.numel() * b.grad_data.element_size()
+                        for c in wrapped for b in c.buffers + c.expert_parallel_buffers)
+        iterators = [_batches(run, ctx.device, seed + ctx.dp_rank) for _ in wrapped]
+        forward_backward = get_forward_backward_func()
+        micro_batches = run.train.global_batch_size // (run.train.micro_batch_size * ctx.dp)
+
+        def fwd_bwd():
+            for c in wrapped:
+                c.zero_grad_buffer()
+            forward_backward(forward_step_func=_forward_step,
+                             data_iterator=iterators[0] if len(iterators) == 1 else iterators,
+                             model=wrapped, num_microbatches=micro_batches, seq_length=run.data.seq_length,
+                             micro_batch_size=run.train.micro_batch_size, forward_only=False)
+
+        # Step 1 creates the optimizer state (master weights at construction, Adam's moments lazily).
+        with LiveStorageBytes() as first:
+            optimizer = build_optimizer(wrapped, run)
+            config = wrapped[0].config
+            config.finalize_model_grads_func = finalize_model_grads
+            config.grad_scale_func = optimizer.scale_loss
+            no_sync = [c.no_sync for c in wrapped]
+            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            fwd_bwd()
+            optimizer.zero_grad()
+            optimizer.step()
+        optimizer_state = _optimizer_bytes(optimizer, wrapped)
+        # Whatever else step 1 left allocated: buffers megatron-core keeps between steps (the
+        # sequence-parallel all-gather buffer, cached masks); they hold activations.
+        persistent = first.current - optimizer_state
+        # Step 2: forward and backward passes only; what they allocate beyond the standing state.
+        with LiveStorageBytes() as second:
+            fwd_bwd()
+        dynamic = second.peak + persistent
+        return {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp": ctx.dp,
+                "precision": run.train.precision, "weights": weights, "gradients": gradients,
+                "optimizer": optimizer_state, "activations_and_logits": dynamic,
+                "persistent_buffers": persistent, "total": weights + gradients + optimizer_state + dynamic}
+    finally:
+        if started:
+            distributed.shutdown()
+
+
+def _optimizer_bytes(optimizer, chunks) -> int:
+    """Storages the optimizer holds besides the model's parameters: fp32 master weights (or their
+    shards) and Adam's moments."""
+    from megatron_seed.training.setup import _torch_optimizers
+
+    model = {id(p.untyped_storage()) for c in chunks for p in c.parameters()}
+    held = {}
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                for tensor in [param, *(v for v in state.values() if isinstance(v, torch.Tensor))]:
+                    storage = tensor.untyped_storage()
+                    if id(storage) not in model:
+                        held[id(storage)] = storage.nbytes()
+    return sum(held.values())
+
+
+def compare(plan_stage, measured: dict) -> list[tuple[str, int, int, Optional[float]]]:
+    """(category, planned, measured, relative error) rows; activations, logits and the backward
+    working set are compared together, as one peak (the GPU allowance is not measured)."""
+    dynamic = plan_stage.activations + plan_stage.logits + plan_stage.backward_working_set
+    rows = [("weights", plan_stage.weights, measured["weights"]),
+            ("gradients", plan_stage.gradients, measured["gradients"]),
+            ("optimizer state", plan_stage.optimizer, measured["optimizer"]),
+            ("activations + logits", dynamic, measured["activations_and_logits"]),
+            ("total", plan_stage.total - plan_stage.allowance, measured["total"])]
+    return [(name, planned, got, (planned - got) / got if got else None) for name, planned, got in rows]
+
+
+def measure_against_plan(run: RunConfig) -> Optional[str]:
+    """Measure ``run``'s layout here and set it against its plan (the plan for this device, this
+    rank's pipeline stage, the precision the run resolved to). Text on the first rank, else None."""
+    from megatron_seed.planning.memory import plan_memory
+
+    measured = measure_training_memory(run)
+    planned_run = copy.deepcopy(run)
+    planned_run.train.precision = measured["precision"]
+    world = measured["dp"] * run.parallel.tensor * run.parallel.pipeline
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    stage = plan_memory(planned_run, world, device, with_suggestions=False).stages[measured["pp_rank"]]
+    if measured["rank"] != 0:
+        return None
+    lines = [f"measured on this {device} (rank 0, pipeline rank {measured['pp_rank']}, {measured['precision']}):",
+             f"  {'':<22}{'planned':>12}{'measured':>12}{'error':>9}"]
+    for name, planned, got, error in compare(stage, measured):
+        lines.append(f"  {name:<22}{planned / 2**20:>8.1f} MiB{got / 2**20:>8.1f} MiB"
+                     f"{'' if error is None else f'{100 * error:>+8.1f}%'}")
+    return "\n".join(lines)
