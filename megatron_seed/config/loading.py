@@ -16,18 +16,34 @@ from megatron_seed.config.schema import ConfigError, RunConfig
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), preset: Optional[str] = None) -> RunConfig:
     """``preset`` (or the file's ``preset:`` key, default ``tiny``), updated by the file, then overrides."""
-    raw: dict[str, Any] = {}
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = file.read_text()
-        try:
-            raw = (json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)) or {}
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"config file {path} is not valid YAML/JSON: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at top level")
+    raw = read_config_file(path)
+    if "stages" in raw:
+        # A staged file is several runs; reading it as one would silently drop all but the base.
+        raise ConfigError(f"config file {path} lists stages: run it with python -m megatron_seed.pretrain "
+                          "(megatron_seed.training.stages), or remove the stages: key")
+    return config_from_dict(raw, overrides, preset)
+
+
+def read_config_file(path: Optional[str]) -> dict[str, Any]:
+    """The top-level mapping of a YAML/JSON config file ({} without a path)."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = file.read_text()
+    try:
+        raw = (json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)) or {}
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], overrides: Iterable[str] = (), preset: Optional[str] = None) -> RunConfig:
+    """What :func:`load_config` does once the file is read: preset, ``raw``, then overrides."""
+    raw = dict(raw)
     overrides = list(overrides)
     for item in overrides:
         if item.startswith("preset="):
@@ -41,6 +57,16 @@ def load_config(path: Optional[str] = None, overrides: Iterable[str] = (), prese
         key, value = _parse_override(item)
         _set_path(config, key, value)
     return config
+
+
+def apply_settings(config: RunConfig, settings: dict[str, Any]) -> None:
+    """Set already-parsed values by dotted key (``{"train.steps": 100}``; nested mappings such as
+    ``{"train": {"steps": 100}}`` mean the same), type-checked like overrides."""
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            apply_settings(config, {f"{key}.{sub}": v for sub, v in value.items()})
+        else:
+            _set_path(config, str(key), value)
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

@@ -1,6 +1,7 @@
 """The body every training entry point shares (``pretrain``, ``sft``, later ``dpo`` and ``rl``):
 config from a preset, a file and ``a.b=value`` overrides, the objective the entry point names, the
-one trainer, clean shutdown. Config errors exit with status 2 and name the key."""
+one trainer, clean shutdown. A file that lists ``stages:`` runs them in sequence
+(:mod:`megatron_seed.training.stages`). Config errors exit with status 2 and name the key."""
 
 from __future__ import annotations
 
@@ -17,15 +18,22 @@ def run_training(argv: Optional[list], prog: str, doc: str, objective: Optional[
     args = parser.parse_intermixed_args(argv)
 
     from megatron_seed.config import ConfigError, load_config
+    from megatron_seed.platform import launch
+    from megatron_seed.training import stages as staged
 
     overrides = list(args.overrides)
     if objective is not None:  # the entry point decides what it trains
         overrides.append(f"train.objective={objective}")
+    world = launch.detect()
     try:
-        run = load_config(args.config, overrides, preset=args.preset)
-        from megatron_seed.platform import launch
-
-        run.validate(launch.detect().world_size)
+        # A file with `stages:` is several runs in sequence (megatron_seed.training.stages), all
+        # validated here, before the first trains.
+        stages = staged.read_stages(args.config, overrides, preset=args.preset)
+        if stages is None:
+            run = load_config(args.config, overrides, preset=args.preset)
+            run.validate(world.world_size)
+        else:
+            staged.plan_stages(stages, world.world_size)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -33,11 +41,15 @@ def run_training(argv: Optional[list], prog: str, doc: str, objective: Optional[
     from megatron_seed.training.build import build_pretraining
 
     try:
-        trainer = build_pretraining(run)
+        if stages is None:
+            trainer = build_pretraining(run)
+        else:
+            staged.run_stages(stages, build_pretraining, staged.stderr_on_rank0(world.rank))
     except ConfigError as err:  # found at start-up (e.g. by reading train.load's checkpoint)
         print(f"config error: {err}", file=sys.stderr)
         distributed.shutdown()
         return 2
-    trainer.fit()
+    if stages is None:
+        trainer.fit()
     distributed.shutdown()
     return 0
