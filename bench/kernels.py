@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +44,9 @@ GIB = 2 ** 30
 def describe_machine() -> str:
     if torch.cuda.is_available():
         return f"GPU {torch.cuda.get_device_name()} (torch {torch.__version__})"
-    name = platform.processor() or "CPU"
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores, no GPU (torch {torch.__version__})"
+    from megatron_seed.platform.precision import cpu_description
+
+    return f"{cpu_description()}, {os.cpu_count()} cores, no GPU (torch {torch.__version__})"
 
 
 def commit() -> str:

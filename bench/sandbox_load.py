@@ -35,20 +35,10 @@ sys.path.insert(0, ROOT)
 
 from megatron_seed.sandbox.remote import RemoteSandbox  # noqa: E402
 from megatron_seed.sandbox.remote_service import TOKEN_ENV  # noqa: E402
+from megatron_seed.platform.precision import cpu_description  # noqa: E402
 from megatron_seed.sandbox.runner import Limits  # noqa: E402
 
 WRONG = "    raise ValueError('wrong on purpose')\n"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def make_jobs(n: int) -> tuple[list[tuple[str, str]], str]:
@@ -197,7 +187,7 @@ def main() -> int:
     latencies = [o[1] for o in outcomes if o is not None]
     mib = 1 << 20
 
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} logical cores)")
+    print(f"CPU: {cpu_description()} ({os.cpu_count()} logical cores)")
     print(f"command: python bench/sandbox_load.py --clients {args.clients} --jobs-per-client {args.jobs_per_client} "
           f"--workers {args.workers}" + (f" --queue {args.queue}" if args.queue is not None else "")
           + (f" --batch {args.batch}" if args.batch else ""))
