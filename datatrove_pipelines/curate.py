@@ -9,7 +9,7 @@ Stages (each a datatrove executor with its own logging dir under OUTPUT/logs; a 
 tasks that completed, so an interrupted job resumes):
 
 1. ``filter``        read (directory tree: one document per file; or jsonl/parquet) -> file filters
-                     -> 10-gram decontamination against HumanEval -> secrets/PII redaction
+                     -> 10-gram + MinHash decontamination (--benchmark) -> secrets/PII redaction
                      (``redaction.py``; off with --no-redact) -> OUTPUT/stages/1_filtered
 2. ``exact``         SHA256 file + repository dedup (signature, then filter) -> 2_exact
 3. ``near``          MinHash near dedup (datatrove's 4 stages, code tokenizer) of files -> 3_dedup,
@@ -24,6 +24,9 @@ tasks that completed, so an interrupted job resumes):
 
 Executors: ``local`` is what the tests run; ``slurm`` and ``ray`` pass the same pipelines to
 datatrove's Slurm/Ray executors and are **not exercised by the test suite**.
+
+``OUTPUT/contamination.jsonl`` lists every file the decontamination dropped: id, path, benchmark,
+item, kind (exact: the shared 10-gram; near: the MinHash Jaccard estimate).
 
 ``OUTPUT/stats.json`` reconciles documents: files read = kept + dropped per stage and reason;
 ``OUTPUT/score_histogram.png`` shows the score distribution and the cut.
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
-    from datatrove_pipelines.decontamination import BenchmarkDecontaminator
+    from datatrove_pipelines.decontamination import BenchmarkDecontaminator, report_adapter
     from datatrove_pipelines.dedup import (CodeMinhashSignature, ExactDedupFilter, ExactDedupSignature, RecordRepos,
                                            RepoAllowList)
     from datatrove_pipelines.repo_level import RepoLevelDocuments
@@ -132,7 +135,14 @@ def run(args: argparse.Namespace) -> dict:
     # before dedup and the first write: no intermediate stage holds a secret, and copies differing
     # only in their keys hash alike.
     redact = [SecretRedactor(args.max_redacted_fraction)] if args.redact else []
-    execute("filter", [reader_for(args.input, args.max_files), CodeFileFilter(), BenchmarkDecontaminator(),
+    # Dropped files go through an exclusion writer that keeps only the report fields: one file per
+    # task written by datatrove itself (no shared file between workers; a rerun task rewrites its
+    # own), merged into contamination.jsonl at the end.
+    report = JsonlWriter(os.path.join(out, "contamination"), output_filename="${rank}.jsonl", compression=None,
+                         adapter=report_adapter)
+    decontaminate = BenchmarkDecontaminator(args.benchmark or ["humaneval"], exclusion_writer=report,
+                                            near_threshold=None if args.no_near_match else args.near_match_threshold)
+    execute("filter", [reader_for(args.input, args.max_files), CodeFileFilter(), decontaminate,
                        *redact, JsonlWriter(stage_dir("1_filtered"))])
     execute("exact_signature", [JsonlReader(stage_dir("1_filtered")), ExactDedupSignature(os.path.join(out, "exact"))])
     execute("exact_filter", [JsonlReader(stage_dir("1_filtered")), ExactDedupFilter(os.path.join(out, "exact")),
@@ -194,11 +204,23 @@ def run(args: argparse.Namespace) -> dict:
         execute("repo_level", [JsonlReader(os.path.join(out, "kept")), RepoLevelDocuments(args.seed),
                                JsonlWriter(os.path.join(out, "repo_level"))])
     stats = write_stats(out, args)
+    write_contamination_report(out)
     if args.tokenize:
         tokenize(out, args)
     log(f"done in {time.time() - t0:.0f} s: {stats['documents_in']} files in, {stats['kept']} kept "
         f"-> {os.path.join(out, 'kept')} (stats: {os.path.join(out, 'stats.json')})")
     return stats
+
+
+def write_contamination_report(out: str) -> str:
+    """contamination.jsonl: the per-task report files of the decontamination step, in task order."""
+    path = os.path.join(out, "contamination.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as report:
+        for part in sorted(glob.glob(os.path.join(out, "contamination", "*.jsonl"))):
+            with open(part, encoding="utf-8") as f:
+                report.writelines(line for line in f if line.strip())
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def _stage_stats(out: str, name: str) -> dict:
@@ -306,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=("local", "slurm", "ray"), default="local")
     p.add_argument("--max-files", type=int, default=-1, help="read at most this many files per task (sampling)")
     p.add_argument("--no-near-dedup", dest="near_dedup", action="store_false")
+    p.add_argument("--benchmark", action="append", default=None,
+                   help="decontaminate against this benchmark (repeatable; default humaneval): humaneval, "
+                        "or a jsonl of problems, optionally with its fields: path.jsonl:prompt,canonical_solution")
+    p.add_argument("--near-match-threshold", type=float, default=0.7,
+                   help="drop files (filter/dropped_near_match) with a window whose MinHash Jaccard estimate with "
+                        "a benchmark solution is at least this")
+    p.add_argument("--no-near-match", action="store_true", help="only the exact 10-gram decontamination")
     p.add_argument("--oracle", default=None, help="OpenAI-compatible URL, a local HF chat model dir, or smollm2")
     p.add_argument("--oracle-sample", type=int, default=200, help="files the oracle rates")
     p.add_argument("--scorer", default=None, help="a trained scorer (HF dir); skips labelling and training")
