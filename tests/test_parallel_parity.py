@@ -1,4 +1,4 @@
-"""TP=2, PP=2 (plain and interleaved), sequence parallel and DP=2 with the distributed optimizer
+"""TP=2, PP=2 (plain and interleaved), sequence parallel, context parallel (CP=2) and DP=2 with the distributed optimizer
 each reproduce the single-process losses (fp32, same initial weights) step by step; so do the
 Triton kernels (model.kernels=triton, interpreted: the tests' conftest sets TRITON_INTERPRET=1),
 alone and under TP=2 with sequence parallelism."""
@@ -26,6 +26,7 @@ def reference(tmp_path_factory):
     ("pp2", ("parallel.pipeline=2",), 2),
     ("pp2_vpp2", ("parallel.pipeline=2", "parallel.virtual_pipeline=2"), 4),
     ("dp2_distopt", ("parallel.distributed_optimizer=true",), 2),
+    ("cp2", ("parallel.context=2",), 2),  # ring attention over the two ranks (GQA preset)
     ("tp2_sp_triton", ("parallel.tensor=2", "parallel.sequence_parallel=true", "model.kernels=triton"), 2),
 ])
 def test_two_process_layout_matches_single_process(tmp_path, reference, name, overrides, layers):

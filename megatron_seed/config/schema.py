@@ -86,12 +86,17 @@ class ParallelConfig:
     # Interleaved pipeline schedule: model chunks per pipeline rank (None = not interleaved).
     virtual_pipeline: Optional[int] = None
     sequence_parallel: bool = False
+    # Context parallelism: every sequence split across this many ranks (megatron-core's layout:
+    # 2N chunks, rank r holding chunks r and 2N-1-r). Transformer Engine's attention exchanges
+    # keys and values on GPU; the local spec uses megatron_seed.models.context_parallel's ring.
+    context: int = 1
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
 
     def validate(self) -> None:
         _require(self.tensor >= 1 and self.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
+        _require(self.context >= 1, "parallel.context must be >= 1")
         if self.virtual_pipeline is not None:
             _require(self.virtual_pipeline >= 1, "parallel.virtual_pipeline must be >= 1 or null")
             _require(self.pipeline > 1, "parallel.virtual_pipeline needs parallel.pipeline > 1")
@@ -378,11 +383,14 @@ class RunConfig:
             part.validate()
         self.data.validate(needs_token_data=self.train.objective != "rl")
         m, p, t = self.model, self.parallel, self.train
-        mp = p.tensor * p.pipeline
+        mp = p.tensor * p.pipeline * p.context
         _require(world_size % mp == 0,
-                 f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
-                 f"= {p.tensor} x {p.pipeline}; launch a multiple of {mp} processes or change them")
+                 f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "
+                 f"parallel.context = {p.tensor} x {p.pipeline} x {p.context}; launch a multiple of {mp} "
+                 "processes or change them")
         dp = world_size // mp
+        if p.context > 1:
+            self._validate_context_parallel()
         _require(m.num_attention_heads % p.tensor == 0,
                  f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
                  f"parallel.tensor ({p.tensor})")
@@ -423,5 +431,22 @@ class RunConfig:
         # On GPU Transformer Engine's FP8 needs bf16 (checked once the precision is resolved, in
         # megatron_seed.training.build); the CPU emulation works in either precision.
 
+    def _validate_context_parallel(self) -> None:
+        p, s = self.parallel, self.data.seq_length
+        _require(s % (2 * p.context) == 0,
+                 f"parallel.context={p.context} cuts each sequence into {2 * p.context} chunks: "
+                 f"data.seq_length ({s}) must be divisible by {2 * p.context}")
+        _require(not p.sequence_parallel or (s // p.context) % p.tensor == 0,
+                 f"parallel.context={p.context} with parallel.sequence_parallel needs data.seq_length / "
+                 f"parallel.context ({s // p.context}) divisible by parallel.tensor ({p.tensor})")
+        # The ring splits causal sequences; SFT/DPO/RL rows carry block-diagonal masks (packed
+        # conversations, pairs), which the ring does not take.
+        _require(self.train.objective == "pretrain",
+                 f"parallel.context={p.context} supports train.objective=pretrain only (got "
+                 f"{self.train.objective!r}: its packed rows need block-diagonal masks); set parallel.context=1")
+        _require(self.model.attention_backend == "sdpa",
+                 "parallel.context > 1 replaces the core attention; model.attention_backend=megatron "
+                 "(megatron-core's DotProductAttention) has no context parallelism: use sdpa")
+
     def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.parallel.tensor * self.parallel.pipeline)
+        return world_size // (self.parallel.tensor * self.parallel.pipeline * self.parallel.context)

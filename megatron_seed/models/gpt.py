@@ -90,6 +90,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
         sequence_parallel=parallel.sequence_parallel,
+        context_parallel_size=parallel.context,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
@@ -116,10 +117,11 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
     )
 
 
-def layer_spec(model: ModelConfig):
+def layer_spec(model: ModelConfig, context_parallel: int = 1):
     """The transformer layer spec: Transformer Engine's, or megatron-core's local one with our
     RMSNorm (sequence-parallel capable) and SwiGLU (torch or Triton, by ``model.kernels``) and,
-    by default, SDPA core attention."""
+    by default, SDPA core attention; with context parallelism the ring attention
+    (megatron_seed.models.context_parallel) instead."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if resolve_impl(model) == "transformer_engine":
@@ -129,7 +131,11 @@ def layer_spec(model: ModelConfig):
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.mlp.submodules.activation_func = SwiGLU
-    if model.attention_backend == "sdpa":
+    if context_parallel > 1:
+        from megatron_seed.models.context_parallel import RingAttention
+
+        spec.submodules.self_attention.submodules.core_attention = RingAttention
+    elif model.attention_backend == "sdpa":
         from megatron_seed.models.attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
@@ -142,7 +148,7 @@ def block_spec(model: ModelConfig, config, vp_stage):
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules, get_num_layers_to_build)
 
-    spec = layer_spec(model)
+    spec = layer_spec(model, config.context_parallel_size)
     if resolve_impl(model) == "transformer_engine":
         return spec
     RMSNorm, _ = norm_and_activation(resolve_kernels(model.kernels))

@@ -24,6 +24,8 @@ class ParallelContext:
     vpp: int | None
     device: torch.device
     launcher: str
+    cp: int = 1  # context-parallel size: ranks sharing each sequence
+    cp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -35,7 +37,7 @@ class ParallelContext:
 
 
 def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 1234,
-               timeout_minutes: int = 30) -> ParallelContext:
+               timeout_minutes: int = 30, cp: int = 1) -> ParallelContext:
     """Start torch.distributed from the launcher's environment and build megatron's groups."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -54,7 +56,7 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 123
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
     )
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)  # on CPU the tracker set-up above reseeds the default generator
@@ -64,9 +66,9 @@ def initialize(tp: int = 1, pp: int = 1, vpp: int | None = None, seed: int = 123
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
-        tp=tp, pp=pp, dp=world // (tp * pp), vpp=vpp,
+        tp=tp, pp=pp, dp=world // (tp * pp * cp), vpp=vpp,
         device=torch.device("cpu") if on_cpu else torch.device("cuda", env.local_rank),
-        launcher=env.launcher,
+        launcher=env.launcher, cp=cp, cp_rank=parallel_state.get_context_parallel_rank(),
     )
 
 

@@ -40,7 +40,7 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
 
     p, t = run.parallel, run.train
     run.validate(launch.detect().world_size)  # before any process group exists: fail fast
-    ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=t.seed)
+    ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=t.seed, cp=p.context)
     run.validate(ctx.world_size)
     saved: Optional[TrainState] = None
     if t.load:  # a checkpoint that cannot serve this run is a config error, before any model exists
@@ -77,7 +77,7 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
             checkpoint_io.copy_tokenizer_files(run.data.tokenizer or "byte", t.save)
         logger.info(f"megatron-seed {objective.name}: {run.name} | {run.model.num_parameters() / 1e6:.2f}M params | "
                     f"world {ctx.world_size} (tp {ctx.tp} pp {ctx.pp} dp {ctx.dp}"
-                    f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}) | {ctx.device} | launcher {ctx.launcher}")
+                    f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}{f' cp {ctx.cp}' if ctx.cp > 1 else ''}) | {ctx.device} | launcher {ctx.launcher}")
     model_chunks = build_model_chunks(run.model, p, t, run.data.seq_length, t.seed)
     if ctx.is_main:
         from megatron_seed.models.kernel_selection import describe_kernels

@@ -112,8 +112,20 @@ def _rng_state(ctx):
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
+    if ctx.cp > 1:  # one state per rank: context-parallel ranks draw their own dropout masks
+        return ShardedObject("rng_state", state, (ctx.pp, ctx.tp, ctx.dp, ctx.cp),
+                             (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank, ctx.cp_rank), replica_id=0)
     return ShardedObject("rng_state", state, (ctx.pp, ctx.tp, ctx.dp), (ctx.pp_rank, ctx.tp_rank, ctx.dp_rank),
                          replica_id=0)
+
+
+def _layout(ctx, distributed_optimizer: bool) -> dict:
+    """The parallel layout a checkpoint records (``cp`` only when used, so that checkpoints
+    written before context parallelism existed still compare equal)."""
+    layout = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "distributed_optimizer": distributed_optimizer}
+    if ctx.cp > 1:
+        layout["cp"] = ctx.cp
+    return layout
 
 
 def _is_distributed(optimizer) -> bool:
@@ -147,8 +159,7 @@ def _state_dict(chunks, optimizer, scheduler, state: TrainState, ctx, is_loading
         sd["objective"] = state.objective
     if with_rng:
         sd["rng_state"] = _rng_state(ctx)
-    sd["parallel"] = {"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp,
-                      "distributed_optimizer": _is_distributed(optimizer)}
+    sd["parallel"] = _layout(ctx, _is_distributed(optimizer))
     return sd
 
 
@@ -284,8 +295,7 @@ class Checkpointer:
         common = dist_checkpointing.load_common_state_dict(found)
         saved = common.get("parallel", {})
         dist_opt = _is_distributed(optimizer)
-        same_layout = saved == {"tp": self.ctx.tp, "pp": self.ctx.pp, "dp": self.ctx.dp,
-                                "distributed_optimizer": dist_opt}
+        same_layout = saved == _layout(self.ctx, dist_opt)
         optimizer_fits = (saved.get("tp"), saved.get("pp"), saved.get("distributed_optimizer")) == (
             self.ctx.tp, self.ctx.pp, dist_opt) and (dist_opt or saved.get("dp") == self.ctx.dp)
         if with_optimizer and not optimizer_fits:

@@ -9,6 +9,7 @@ lives here once.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -68,18 +69,29 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _iterators(self, split: int, consumed: int):
         its = [self.objective.data_iterator(split, consumed) for _ in self.chunks]
+        if self.ctx.cp > 1:  # every rank of a context-parallel group keeps its part of each sequence
+            from megatron_seed.models.context_parallel import context_parallel_batches
+
+            its = [None if it is None else context_parallel_batches(it, self.ctx.cp_rank, self.ctx.cp) for it in its]
         return its[0] if len(its) == 1 else its
+
+    def _forward_step(self, data_iterator, model):
+        output, loss_func = self.objective.forward_step(data_iterator, model)
+        if self.ctx.cp == 1:
+            return output, loss_func
+        return output, functools.partial(_context_parallel_loss, loss_func,
+                                         self.objective.loss_normalization == "per_token")
 
     def _run_microbatches(self, iterators, forward_only: bool) -> list[dict]:
         return self.forward_backward(
-            forward_step_func=self.objective.forward_step, data_iterator=iterators, model=self.chunks,
+            forward_step_func=self._forward_step, data_iterator=iterators, model=self.chunks,
             num_microbatches=self.num_microbatches, seq_length=self.run.data.seq_length,
             micro_batch_size=self.run.train.micro_batch_size, forward_only=forward_only,
         )
 
     def _reduce(self, reports: list[dict]) -> tuple[dict[str, float], float]:
         """Every reported metric's (sum, count) added over micro-batches, pipeline stages (only
-        the last one has reports) and data-parallel ranks, in float64: the global batch's
+        the last one has reports) and data- and context-parallel ranks, in float64: the global batch's
         weighted means, and its real tokens. One all-reduce per group for all metrics."""
         from megatron.core import parallel_state
 
@@ -102,7 +114,7 @@ class Trainer:
                     total[i] += value.reshape(2).to(torch.float64).cpu()
         total = total.to(self.ctx.device)
         torch.distributed.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         total = total.cpu()
         sums = set(getattr(self.objective, "sum_keys", ()))
         means = {key: float(total[i, 0]) if key in sums else
@@ -190,3 +202,22 @@ class Trainer:
         self.checkpointer.close()
         self.objective.close()
         return self.history
+
+
+def _context_parallel_loss(loss_func, per_token: bool, output):
+    """An objective's loss over this rank's part of the sequences, made right for the whole ones.
+
+    Per token, megatron-core already sums the loss-token counts over data- and context-parallel
+    ranks. Per micro-batch it divides each rank's loss sum by the count it is given and DDP then
+    averages gradients over DP x CP ranks: so the count becomes the whole sequences' (summed over
+    the context-parallel group) and the sum is scaled by the group's size, which makes the
+    gradient exactly that of (sum over the sequences / their loss tokens), as with one rank."""
+    from megatron.core import parallel_state
+
+    loss_sum, num_tokens, report = loss_func(output)
+    if per_token:
+        return loss_sum, num_tokens, report
+    group = parallel_state.get_context_parallel_group()
+    total = num_tokens.detach().clone()
+    torch.distributed.all_reduce(total, group=group)
+    return loss_sum * group.size(), total, report
