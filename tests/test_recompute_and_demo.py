@@ -39,6 +39,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     got = losses(out)
     assert got[20] < got[5] - 0.3  # real code is learnable
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
+    # Long-context continuation: curation's repository-level documents, FIM 0.1, sequence 512,
+    # from the first stage's weights; its checkpoint is the one exported and evaluated.
+    repo_level = json.loads((out / "data" / "repo_level_summary.json").read_text())
+    assert repo_level["written"] == repo_level["records_in"] > 0
+    assert "6/12 pretrain, long context" in proc.stderr and "fine-tuning from the weights" in proc.stderr
+    assert sorted(losses(out / "long_context")) == [4, 8]
+    assert (out / "checkpoints_long" / "latest").read_text().strip() == "iter_0000008"
     assert "validation loss" in proc.stderr
     assert "7/12 export" in proc.stderr and (out / "hf" / "model.safetensors").exists()
     assert proc.stdout.startswith("def main(argv=None):")
