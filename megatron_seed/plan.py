@@ -2,11 +2,13 @@
 
     python -m megatron_seed.plan --preset seed_coder_8b parallel.tensor=8 parallel.sequence_parallel=true \\
         data.seq_length=32768 train.recompute=full [--device-memory 80GiB] [--world-size N] [--json]
+    python -m megatron_seed.plan --preset seed_coder_8b parallel.tensor=4 parallel.sequence_parallel=true \\
+        parallel.context=2 data.seq_length=32768
 
 Same config as the training entry points (``--config FILE``, ``--preset NAME``, ``a.b=value``);
-``--world-size`` defaults to one data-parallel replica (tensor x pipeline). ``--device cpu`` plans
+``--world-size`` defaults to one data-parallel replica (tensor x pipeline x context). ``--device cpu`` plans
 a CPU run (torch kernels, no CUDA allowance). ``--measure`` also trains two steps of the layout on
-this machine and prints planned vs measured bytes per category (launch it with torchrun for TP/PP).
+this machine and prints planned vs measured bytes per category (launch it with torchrun for TP/PP/CP).
 Exit status: 0 fits, 1 does not fit, 2 config error.
 The model behind the numbers: megatron_seed.planning.memory.
 """
@@ -24,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML/JSON run config (may name a `preset:`)")
     parser.add_argument("--preset", help="named preset (tiny, llama_100m, smollm2_135m, seed_coder_8b)")
     parser.add_argument("--device-memory", default="80GiB", help="memory per device (default 80GiB)")
-    parser.add_argument("--world-size", type=int, help="ranks in the job (default tensor x pipeline)")
+    parser.add_argument("--world-size", type=int, help="ranks in the job (default tensor x pipeline x context)")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="device kind (default gpu)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--measure", action="store_true",

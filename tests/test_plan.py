@@ -5,6 +5,7 @@ bytes-per-parameter figures, and the CLI."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -12,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_seed.config import ConfigError, load_config
-from megatron_seed.planning.memory import (GIB, in_flight, layer_activation_bytes, loss_phase_bytes, parse_bytes,
-                                           plan_memory, resolve_layout, stage_parameters)
+from megatron_seed.planning.memory import (GIB, format_plan, in_flight, layer_activation_bytes, loss_phase_bytes,
+                                           parse_bytes, plan_memory, resolve_layout, stage_parameters)
 
 # Measured in a child process: building the model starts a process group, which must not leak
 # into the other tests of the session.
@@ -135,6 +136,101 @@ def test_fused_loss_holds_weight_sized_gradient_instead_of_logits():
     from megatron_seed.planning import memory
 
     assert memory.CE_CHUNK_ELEMENTS == cross_entropy.DEFAULT_CHUNK_ELEMENTS
+
+
+# ----------------------------------------------------------------------------- context parallelism
+
+_8B_32K = ["data.seq_length=32768", "parallel.tensor=8", "parallel.sequence_parallel=true"]
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_context_parallel_halves_the_activations(device):
+    """Every saved tensor scales with the rank's tokens, s / cp. With Transformer Engine (gpu) the
+    saved set is flash attention's, so CP=2 holds exactly half; the local ring (cpu) also saves its
+    float32 output, [s / cp, b, h / tp] per layer."""
+    one = plan_memory(load_config(None, _8B_32K, preset="seed_coder_8b"), device=device).worst
+    run = load_config(None, _8B_32K + ["parallel.context=2"], preset="seed_coder_8b")
+    two = plan_memory(run, device=device).worst
+    ring = 0 if device == "gpu" else 32 * 4 * (32768 // 2) * 4096 // 8
+    assert two.activations == one.activations // 2 + ring
+    assert two.logits < one.logits and two.total < one.total
+    assert (two.weights, two.gradients, two.optimizer) == (one.weights, one.gradients, one.optimizer)
+    layout = resolve_layout(run, device=device)
+    assert (layout.cp, layout.local_seq_length, layout.world_size, layout.dp) == (2, 16384, 16, 1)
+    assert layout.cp_attention == ("te" if device == "gpu" else "ring")
+
+
+def test_context_parallel_shards_the_distributed_optimizer_over_dp_x_cp():
+    """megatron-core's distributed optimizer shards over the data-parallel group with context
+    parallelism: 32 ranks of TP 2 x CP 4 are DP 4, and the state is split 16 ways."""
+    base = ["parallel.tensor=2", "parallel.context=4", "train.micro_batch_size=1", "train.global_batch_size=8"]
+    off = plan_memory(load_config(None, base, preset="llama_100m"), world_size=32, device="cpu").worst
+    on = plan_memory(load_config(None, base + ["parallel.distributed_optimizer=true"], preset="llama_100m"),
+                     world_size=32, device="cpu")
+    assert on.layout.dp == 4 and on.layout.micro_batches == 2
+    assert on.worst.optimizer == -(-off.optimizer // 16)
+    # Even without data parallelism (8 ranks: DP 1) the state is split over the CP ranks.
+    alone = plan_memory(load_config(None, base + ["parallel.distributed_optimizer=true"], preset="llama_100m"),
+                        world_size=8, device="cpu")
+    assert alone.layout.dp == 1 and alone.worst.optimizer == -(-off.optimizer // 4)
+    text, layout = format_plan(on), on.to_dict()["layout"]
+    assert "world 32 (tp 2 cp 4 pp 1 dp 4)" in text and "512 (128 per rank)" in text
+    assert (layout["cp"], layout["local_seq_length"], layout["world_size"]) == (4, 128, 32)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.context=2", "data.seq_length=66"], None, "divisible by 4"),
+    (["parallel.context=2", "parallel.tensor=4", "parallel.sequence_parallel=true", "model.num_query_groups=4",
+      "data.seq_length=36"], None, "data.seq_length / parallel.context (18) divisible by parallel.tensor (4)"),
+    (["parallel.context=2"], 3, "parallel.context = 1 x 1 x 2"),
+    (["parallel.context=2", "model.attention_backend=megatron"], None, "use sdpa"),
+])
+def test_invalid_context_parallel_layouts_are_config_errors(overrides, world, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan_memory(load_config(None, overrides, preset="tiny"), world, device="cpu")
+
+
+def test_context_parallel_is_suggested_for_long_sequences_only():
+    long = ["data.seq_length=131072", "model.max_position_embeddings=131072", "parallel.tensor=8",
+            "parallel.sequence_parallel=true"]
+    plan = plan_memory(load_config(None, long, preset="seed_coder_8b"), device_memory=80 * GIB)
+    by_change = {" ".join(s.overrides): s for s in plan.suggestions}
+    cp = by_change["parallel.context=2"]
+    assert cp.fits and cp.total == plan_memory(load_config(None, long + ["parallel.context=2"],
+                                                           preset="seed_coder_8b")).total
+    short = plan_memory(load_config(None, ["data.seq_length=8192"], preset="seed_coder_8b"), device_memory=80 * GIB)
+    assert short.suggestions and not any("parallel.context" in " ".join(s.overrides) for s in short.suggestions)
+
+
+_MEASURE_CP = """
+import json
+from megatron_seed.config import load_config
+from megatron_seed.planning.measure import measure_training_memory
+got = measure_training_memory(load_config(None, {overrides!r}, preset="tiny"))
+if got["rank"] == 0:
+    print("MEASURED", json.dumps(got))
+"""
+
+
+def test_context_parallel_measured_on_two_ranks(tmp_path):
+    """tiny with CP=2 (the ring attention on two gloo ranks) at 512 tokens, where the ring's
+    float32 score blocks are about a third of the peak."""
+    from helpers import free_port, run_cli
+
+    overrides = ["parallel.context=2", "data.seq_length=512"]
+    script = tmp_path / "measure_cp.py"
+    script.write_text(_MEASURE_CP.format(overrides=overrides))
+    proc = run_cli([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    f"--master_port={free_port()}", str(script)], timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("MEASURED")]
+    assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]
+    got = json.loads(lines[0].split(" ", 1)[1])
+    stage = plan_memory(load_config(None, overrides, preset="tiny"), device="cpu").stages[0]
+    assert (stage.weights, stage.gradients) == (got["weights"], got["gradients"])
+    assert abs(stage.optimizer - got["optimizer"]) <= 0.01 * got["optimizer"]
+    planned = stage.activations + stage.logits + stage.backward_working_set
+    assert stage.backward_working_set > 0.3 * planned  # the ring's blocks are what is measured here
+    assert abs(planned - got["activations_and_logits"]) <= 0.15 * got["activations_and_logits"], (planned, got)
 
 
 def _plan_cli(*args: str) -> subprocess.CompletedProcess:

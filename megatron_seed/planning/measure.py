@@ -5,7 +5,9 @@ DDP with its fp32 grad buffer, the megatron optimizer) and training steps run th
 megatron-core's schedule under :class:`LiveStorageBytes`, a dispatch mode that counts every tensor
 storage created inside it until it is freed, on CPU as on GPU. (torch's ``MemTracker`` does the
 same with categories, but refuses a second forward of the root module, i.e. a second
-micro-batch, and calls ``module.buffers()``, which megatron-core's DDP shadows with a list.)
+micro-batch, and calls ``module.buffers()``, which megatron-core's DDP shadows with a list.) With
+``parallel.context`` the micro-batches are cut to each rank's part of the sequences and the loss
+made whole over the group by the trainer's own helpers.
 
 * weights: bytes of this rank's parameters; gradients: bytes of the DDP grad buffers;
 * optimizer state: the storages the optimizer holds besides the parameters (fp32 master weights,
@@ -96,12 +98,24 @@ def _forward_step(data_iterator, model):
     return output, partial(lm_loss, batch["loss_mask"])
 
 
+def _context_parallel_forward_step(data_iterator, model):
+    """:func:`_forward_step` with the trainer's loss for sequences split over the context-parallel
+    group (per-micro-batch normalization, as ``measure_training_memory`` sets)."""
+    from functools import partial
+
+    from megatron_seed.training.trainer import _context_parallel_loss
+
+    output, loss_func = _forward_step(data_iterator, model)
+    return output, partial(_context_parallel_loss, loss_func, False)
+
+
 def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
     """Bytes per category on this rank for ``run``'s layout (processes and groups from the
     launcher's environment: one process, or torchrun). Tears down the process groups it started."""
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_seed.models.context_parallel import context_parallel_batches
     from megatron_seed.models.gpt import build_model_chunks
     from megatron_seed.platform import distributed
     from megatron_seed.training.build import resolve_run_precision
@@ -109,7 +123,7 @@ def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
 
     p = run.parallel
     started = not torch.distributed.is_initialized()
-    ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=seed)
+    ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=seed, cp=p.context)
     try:
         run = resolve_run_precision(copy.deepcopy(run), ctx)
         chunks = build_model_chunks(run.model, p, run.train, run.data.seq_length, seed)
@@ -119,14 +133,20 @@ def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
         weights = sum(t.numel() * t.element_size() for t in {id(q): q for c in wrapped for q in c.parameters()}.values())
         gradients = sum(b.grad_data.numel() * b.grad_data.element_size()
                         for c in wrapped for b in c.buffers + c.expert_parallel_buffers)
+        # Every rank of a context-parallel group draws the same sequences and keeps its part, as the
+        # trainer does (the same dp_rank, hence the same seed, across the group).
         iterators = [_batches(run, ctx.device, seed + ctx.dp_rank) for _ in wrapped]
+        step = _forward_step
+        if ctx.cp > 1:
+            iterators = [context_parallel_batches(it, ctx.cp_rank, ctx.cp) for it in iterators]
+            step = _context_parallel_forward_step
         forward_backward = get_forward_backward_func()
         micro_batches = run.train.global_batch_size // (run.train.micro_batch_size * ctx.dp)
 
         def fwd_bwd():
             for c in wrapped:
                 c.zero_grad_buffer()
-            forward_backward(forward_step_func=_forward_step,
+            forward_backward(forward_step_func=step,
                              data_iterator=iterators[0] if len(iterators) == 1 else iterators,
                              model=wrapped, num_microbatches=micro_batches, seq_length=run.data.seq_length,
                              micro_batch_size=run.train.micro_batch_size, forward_only=False)
@@ -150,7 +170,7 @@ def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
         with LiveStorageBytes() as second:
             fwd_bwd()
         dynamic = second.peak + persistent
-        return {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp": ctx.dp,
+        return {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp": ctx.dp, "cp": ctx.cp,
                 "precision": run.train.precision, "weights": weights, "gradients": gradients,
                 "optimizer": optimizer_state, "activations_and_logits": dynamic,
                 "persistent_buffers": persistent, "total": weights + gradients + optimizer_state + dynamic}
@@ -197,7 +217,7 @@ def measure_against_plan(run: RunConfig) -> Optional[str]:
     measured = measure_training_memory(run)
     planned_run = copy.deepcopy(run)
     planned_run.train.precision = measured["precision"]
-    world = measured["dp"] * run.parallel.tensor * run.parallel.pipeline
+    world = measured["dp"] * run.parallel.tensor * run.parallel.pipeline * run.parallel.context
     device = "gpu" if torch.cuda.is_available() else "cpu"
     stage = plan_memory(planned_run, world, device, with_suggestions=False).stages[measured["pp_rank"]]
     if measured["rank"] != 0:

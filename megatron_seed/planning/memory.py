@@ -10,7 +10,8 @@ Every term follows what this project's training stack actually allocates:
   (``grad_reduce_in_fp32=True`` in ``training/setup.py``): 4 bytes per parameter, full size even
   with the distributed optimizer (it reduce-scatters in place).
 * **optimizer state**: Adam's m and v (fp32) plus, for bf16 params, fp32 master weights: 8 or 12
-  bytes per parameter, divided by the data-parallel size with ``parallel.distributed_optimizer``.
+  bytes per parameter, divided by the data-parallel size times the context-parallel size with
+  ``parallel.distributed_optimizer`` (megatron-core shards it over the DP x CP group).
 * **activations**: the tensors autograd saves for one micro-batch (counted tensor by tensor from
   the local layer spec, see :func:`layer_activation_bytes`) times the micro-batches in flight on
   the rank: 1 without PP, ``min(pp - rank, m)`` for 1F1B, ``min(2 (pp - rank - 1) + (v - 1) pp + 1,
@@ -26,6 +27,10 @@ Every term follows what this project's training stack actually allocates:
   gradient in the weight's dtype and one chunk of logits.
 * **backward working set**: gradients in flight inside one layer's backward (and, with full
   recompute, that layer's recomputed activations), beyond what the loss phase already needed.
+* **context parallelism** (``parallel.context``): every term that scales with the sequence uses
+  the rank's ``s / cp`` tokens; the context-parallel attention's own saved tensors and working
+  buffers (the local ring's fp32 score blocks, Transformer Engine's p2p buffers) are in
+  :mod:`megatron_seed.planning.context_parallel`.
 * **allowance** (GPU only): CUDA context, cuBLAS/NCCL workspaces and caching-allocator slack:
   ``GPU_CONTEXT_BYTES`` plus ``GPU_FRAGMENTATION`` of the memory freed and re-allocated every step.
 
@@ -44,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_seed.config.schema import ConfigError, ModelConfig, RunConfig
+from megatron_seed.planning.context_parallel import attention_working_bytes
 
 GIB = 2**30
 # CUDA context (~0.5 GiB on H100), cuBLAS workspaces and NCCL communicator buffers.
@@ -53,6 +59,10 @@ GPU_CONTEXT_BYTES = 1 * GIB
 GPU_FRAGMENTATION = 0.05
 # megatron_seed.models.cross_entropy.DEFAULT_CHUNK_ELEMENTS (repeated: that module imports torch).
 CE_CHUNK_ELEMENTS = 1 << 19
+# Context parallelism is proposed for long sequences whose activations dominate the rank's memory,
+# and only while every rank keeps at least this many tokens of each sequence: with fewer, the
+# ring's key/value transfers stop hiding behind the attention compute and recompute or TP cost less.
+CP_MIN_LOCAL_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class Layout:
     pp: int
     vpp: Optional[int]
     sp: bool
+    cp: int  # context parallel: every sequence split over cp ranks
+    cp_attention: str  # none | ring (local spec) | te (Transformer Engine's p2p ring)
     dp: int
     distributed_optimizer: bool
     seq_length: int
@@ -78,7 +90,13 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def local_seq_length(self) -> int:
+        """Tokens of each sequence on one rank: everything but the attention's key/value exchange
+        runs on these."""
+        return self.seq_length // self.cp
 
     @property
     def compute_bytes(self) -> int:
@@ -144,7 +162,8 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return {
             "name": self.name,
-            "layout": {**dataclasses.asdict(self.layout), "world_size": self.layout.world_size},
+            "layout": {**dataclasses.asdict(self.layout), "world_size": self.layout.world_size,
+                       "local_seq_length": self.layout.local_seq_length},
             "per_rank": self.worst.to_dict(),
             "stages": [s.to_dict() for s in self.stages],
             "per_layer_activation_bytes": self.per_layer_activation_bytes,
@@ -165,7 +184,7 @@ def resolve_layout(run: RunConfig, world_size: Optional[int] = None, device: str
     if device not in ("gpu", "cpu"):
         raise ConfigError(f"device must be 'gpu' or 'cpu', got {device!r}")
     p, t, m = run.parallel, run.train, run.model
-    world = world_size if world_size is not None else p.tensor * p.pipeline
+    world = world_size if world_size is not None else p.tensor * p.pipeline * p.context
     checked = copy.deepcopy(run)
     # Planning needs no data files: validate the layout as if the data were synthetic.
     checked.data.mock, checked.data.blend, checked.data.train = True, [], None
@@ -173,9 +192,14 @@ def resolve_layout(run: RunConfig, world_size: Optional[int] = None, device: str
     _require_divisible(m.vocab_size, p.tensor, "model.vocab_size", "parallel.tensor")
     precision = t.precision if t.precision != "auto" else ("bf16" if device == "gpu" else "fp32")
     kernels = m.kernels if m.kernels != "auto" else ("triton" if device == "gpu" else "torch")
-    dp = world // (p.tensor * p.pipeline)
+    dp = run.data_parallel_size(world)
+    cp_attention = "none"
+    if p.context > 1:
+        # On GPU megatron_seed.models.gpt picks Transformer Engine's spec unless told otherwise.
+        cp_attention = "te" if device == "gpu" and m.transformer_impl != "local" else "ring"
     return Layout(
-        tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, sp=p.sequence_parallel, dp=dp,
+        tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, sp=p.sequence_parallel, cp=p.context,
+        cp_attention=cp_attention, dp=dp,
         distributed_optimizer=p.distributed_optimizer, seq_length=run.data.seq_length,
         micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size,
         micro_batches=t.global_batch_size // (t.micro_batch_size * dp), recompute=t.recompute,
@@ -243,11 +267,13 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, micro_batch_size:
     output (fc2's input); RoPE's cos/sin [s, d] per rotated tensor. ``recompute=selective``
     checkpoints core attention: its inputs stay saved, so with SDPA only the log-sum-exp goes; with
     the unfused megatron attention the ``[b, a, s, s]`` softmax (fp32, plus a bf16 copy) goes.
-    ``recompute=full`` keeps only each layer's input."""
+    ``recompute=full`` keeps only each layer's input. With context parallelism ``s`` is the local
+    sequence ``s / cp``; the local ring attention also saves its float32 output
+    (:mod:`.context_parallel`)."""
     e, t = layout.compute_bytes, layout.tp
     q = t if layout.sp else 1
     b = micro_batch_size or layout.micro_batch_size
-    s = layout.seq_length
+    s = layout.local_seq_length
     n = s * b
     h, f, a, d = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, model.head_dim
     kv = model.num_query_groups * d
@@ -268,6 +294,9 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, micro_batch_size:
         terms["attention"] = n * e * (3 * h + 3 * kv) // t
         if recompute == "none":
             terms["attention lse"] = n * 4 * (a // t)
+            if layout.cp_attention == "ring":
+                # Its float32 output; "attention" above already has linear_proj's [s, b, h] copy.
+                terms["ring output (fp32)"] = n * 4 * h // t
     terms["mlp"] = n * e * (3 * f + (0 if layout.kernels == "triton" else f)) // t
     return terms
 
@@ -282,13 +311,34 @@ def layer_backward_bytes(model: ModelConfig, layout: Layout) -> int:
     saved tensors are already freed)."""
     e, t = layout.compute_bytes, layout.tp
     q = t if layout.sp else 1
-    n = layout.seq_length * layout.micro_batch_size
+    n = layout.local_seq_length * layout.micro_batch_size
     h, f = model.hidden_size, model.ffn_hidden_size
     mlp_saved = n * (3 * f + (0 if layout.kernels == "triton" else f)) // t
     fc2 = n * f // t + f * h // t
     swiglu = 2 * n * f // t
     fc1 = 2 * n * f // t + n * h + 2 * f * h // t - mlp_saved
     return e * (n * h // q + max(fc2, swiglu, fc1))
+
+
+def attention_backward_bytes(model: ModelConfig, layout: Layout) -> int:
+    """With context parallelism, the worst point of one layer's attention backward above the saved
+    activations: the ring's working set (:func:`.context_parallel.attention_working_bytes`, whole
+    ``[b, heads, s/cp, s/cp]`` score blocks on the local spec) with the incoming residual gradient
+    and the attention output's gradient alive, less what the layer has freed by then (its MLP
+    half's saved tensors and linear_proj's input). With selective recompute the ring's forward runs
+    again first and its output and log-sum-exp are alive too. 0 without CP."""
+    if layout.cp == 1:
+        return 0
+    e, t = layout.compute_bytes, layout.tp
+    q = t if layout.sp else 1
+    n = layout.local_seq_length * layout.micro_batch_size
+    h = model.hidden_size
+    saved = layer_activation_bytes(model, layout, recompute="none")
+    freed = saved["norms"] // 2 + saved["linear inputs"] // 2 + saved["mlp"] + n * e * h // t
+    alive = n * e * h // q + n * e * h // t
+    if layout.recompute == "selective":
+        alive += saved.get("ring output (fp32)", 0) + saved["attention lse"]
+    return attention_working_bytes(model, layout) + alive - freed
 
 
 def loss_phase_bytes(model: ModelConfig, layout: Layout) -> dict[str, int]:
@@ -300,7 +350,7 @@ def loss_phase_bytes(model: ModelConfig, layout: Layout) -> dict[str, int]:
     gathered hidden states it saves, ``d hidden`` and ``d weight`` computed in forward (weight's
     dtype) and one chunk of logits about as large as the hidden states."""
     e, t = layout.compute_bytes, layout.tp
-    n = layout.seq_length * layout.micro_batch_size
+    n = layout.local_seq_length * layout.micro_batch_size
     h, v = model.hidden_size, model.vocab_size // t
     weight_grad = v * h * e
     if layout.fused_loss:
@@ -344,8 +394,10 @@ def plan_stage(model: ModelConfig, layout: Layout, rank: int) -> StageMemory:
     gradients = params * 4
     optimizer = params * optimizer_bytes_per_parameter(layout)
     if layout.distributed_optimizer:
-        optimizer = -(-optimizer // layout.dp)
-    e, n = layout.compute_bytes, layout.seq_length * layout.micro_batch_size
+        # megatron-core shards it over the data-parallel group *with* context parallelism
+        # (get_megatron_optimizer's intra_dp_cp_group): CP ranks hold the same weights.
+        optimizer = -(-optimizer // (layout.dp * layout.cp))
+    e, n = layout.compute_bytes, layout.local_seq_length * layout.micro_batch_size
     q = layout.tp if layout.sp else 1
     h = model.hidden_size
     chunks = layout.vpp or 1
@@ -354,7 +406,8 @@ def plan_stage(model: ModelConfig, layout: Layout, rank: int) -> StageMemory:
     per_layer = sum(layer_activation_bytes(model, layout).values())
     activations = units * layers_per_chunk * per_layer
     if layout.recompute == "full":
-        activations += layout.seq_length * model.head_dim * 4  # RoPE freqs [s, 1, 1, d] fp32, shared
+        # RoPE freqs [s, 1, 1, d] fp32, shared (megatron-core caches this rank's s / cp rows).
+        activations += layout.local_seq_length * model.head_dim * 4
     if rank > 0 and layout.kernels != "triton" and e == 2:
         # The stage input received from the previous stage stays referenced by the schedule; the
         # fp32 copy the torch RMSNorm saves does not keep it alive.
@@ -366,8 +419,9 @@ def plan_stage(model: ModelConfig, layout: Layout, rank: int) -> StageMemory:
         # inputs: one [s, b, h] tensor kept between steps and reused by every layer.
         activations += n * e * h
     # Two candidate peaks: the loss phase with everything saved, and the top layer's backward (or,
-    # with full recompute, a recomputed layer's) after the head's saved tensors are gone.
-    backward = layer_backward_bytes(model, layout)
+    # with full recompute, a recomputed layer's) after the head's saved tensors are gone: its MLP
+    # or, with context parallelism, possibly its attention.
+    backward = max(layer_backward_bytes(model, layout), attention_backward_bytes(model, layout))
     if layout.recompute == "full":
         backward += sum(layer_activation_bytes(model, layout, recompute="none").values())
     logits = working = 0
@@ -422,8 +476,20 @@ def _notes(run: RunConfig, layout: Layout) -> list[str]:
                      f"{GPU_FRAGMENTATION:.0%} of activation and logits memory for allocator fragmentation")
     else:
         notes.append("cpu: the Python/torch runtime (~0.5 GiB resident) is not included")
-    notes.append("context parallelism is not implemented: long sequences are split only by TP with "
-                 "sequence parallelism (activations / tp)")
+    if layout.cp > 1:
+        notes.append(f"parallel.context={layout.cp}: each rank holds {layout.local_seq_length} tokens of every "
+                     "sequence; activations, logits and working sets are planned at that length")
+        if layout.cp_attention == "ring":
+            block = 4 * layout.micro_batch_size * (run.model.num_attention_heads // layout.tp) \
+                * layout.local_seq_length ** 2
+            notes.append("the local spec's ring attention also saves its fp32 output, and its backward holds four "
+                         f"fp32 [b, heads, s/cp, s/cp] score blocks ({4 * block / 2**20:.1f} MiB)")
+        else:
+            notes.append("Transformer Engine's ring attention (p2p) is planned like flash attention at s/cp plus "
+                         "its key/value send and receive buffers (no FP8)")
+    elif layout.seq_length >= 2 * CP_MIN_LOCAL_TOKENS:
+        notes.append("parallel.context=N splits every sequence over N ranks: activations and logits / N "
+                     "(weights and gradients stay)")
     return notes
 
 
@@ -438,12 +504,22 @@ def _with(run: RunConfig, **changes) -> RunConfig:
     return new
 
 
-def _candidates(run: RunConfig, world_size: Optional[int]):
-    """(description, overrides, changed run) for each single change, least disruptive first."""
+def _activations_dominate(run: RunConfig, world: int, device: str) -> bool:
+    try:
+        w = plan_memory(run, world, device, with_suggestions=False).worst
+    except ConfigError:
+        return False
+    return 2 * (w.activations + w.logits + w.backward_working_set) > w.total - w.allowance
+
+
+def _candidates(run: RunConfig, world: int, device: str):
+    """(description, overrides, changed run) for each single change, least disruptive first;
+    ``world``: the ranks ``run`` is planned on."""
     p, t, m = run.parallel, run.train, run.model
-    dp = (world_size // (p.tensor * p.pipeline)) if world_size else 1
-    if not p.distributed_optimizer and dp > 1:
-        yield ("shard the optimizer state over data parallel", ["parallel.distributed_optimizer=true"],
+    dp = run.data_parallel_size(world)
+    if not p.distributed_optimizer and dp * p.context > 1:
+        ranks = "data parallel" if p.context == 1 else "DP x CP ranks"
+        yield (f"shard the optimizer state over {ranks}", ["parallel.distributed_optimizer=true"],
                _with(run, parallel__distributed_optimizer=True))
     if t.recompute == "none":
         yield ("selective recompute (core attention)", ["train.recompute=selective"],
@@ -457,6 +533,10 @@ def _candidates(run: RunConfig, world_size: Optional[int]):
         yield (f"tensor parallel {tp} with sequence parallel",
                [f"parallel.tensor={tp}", "parallel.sequence_parallel=true"],
                _with(run, parallel__tensor=tp, parallel__sequence_parallel=True))
+    cp = p.context * 2
+    if run.data.seq_length // cp >= CP_MIN_LOCAL_TOKENS and _activations_dominate(run, world, device):
+        yield (f"context parallel {cp} (split every sequence)", [f"parallel.context={cp}"],
+               _with(run, parallel__context=cp))
     pp = p.pipeline * 2
     if m.num_layers % (pp * (p.virtual_pipeline or 1)) == 0:
         yield (f"pipeline parallel {pp}", [f"parallel.pipeline={pp}"], _with(run, parallel__pipeline=pp))
@@ -467,7 +547,8 @@ def _candidates(run: RunConfig, world_size: Optional[int]):
 
 def _world_for(run: RunConfig, world_size: Optional[int], base_dp: int) -> int:
     """Keep the world size when it was given (data parallelism shrinks), else keep data parallelism."""
-    return world_size if world_size else run.parallel.tensor * run.parallel.pipeline * base_dp
+    p = run.parallel
+    return world_size if world_size else p.tensor * p.pipeline * p.context * base_dp
 
 
 def _try(run: RunConfig, world: int, device: str) -> Optional[int]:
@@ -480,10 +561,10 @@ def _try(run: RunConfig, world: int, device: str) -> Optional[int]:
 def suggest(run: RunConfig, world_size: Optional[int], device: str,
             device_memory: int) -> tuple[list[Suggestion], Optional[Suggestion]]:
     """Each single change re-planned, in order of preference, then the changes applied one after
-    another (TP, PP and micro-batch repeatedly) until the layout fits."""
-    base_dp = (world_size // (run.parallel.tensor * run.parallel.pipeline)) if world_size else 1
+    another (TP, CP, PP and micro-batch repeatedly) until the layout fits."""
+    base_dp = run.data_parallel_size(world_size) if world_size else 1
     singles = []
-    for change, overrides, new in _candidates(run, world_size):
+    for change, overrides, new in _candidates(run, _world_for(run, world_size, base_dp), device):
         total = _try(new, _world_for(new, world_size, base_dp), device)
         if total is not None:
             singles.append(Suggestion(change, overrides, total, total <= device_memory))
@@ -491,7 +572,7 @@ def suggest(run: RunConfig, world_size: Optional[int], device: str,
     best = _try(run, _world_for(run, world_size, base_dp), device)
     for _ in range(16):
         step = None
-        for change, overrides, new in _candidates(current, world_size):
+        for change, overrides, new in _candidates(current, _world_for(current, world_size, base_dp), device):
             total = _try(new, _world_for(new, world_size, base_dp), device)
             # A change that saves under 1% (selective recompute with SDPA) is not worth taking.
             if total is not None and best is not None and total < 0.99 * best:
@@ -536,8 +617,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lay, w = plan.layout, plan.worst
     vpp = f" vpp {lay.vpp}" if lay.vpp else ""
     lines = [
-        f"memory plan: {plan.name} on {lay.device} | world {lay.world_size} (tp {lay.tp}{' sp' if lay.sp else ''} "
-        f"pp {lay.pp}{vpp} dp {lay.dp}) | {lay.precision} | seq {lay.seq_length} x micro-batch "
+        f"memory plan: {plan.name} on {lay.device} | world {lay.world_size} (tp {lay.tp}{' sp' if lay.sp else ''}"
+        f"{f' cp {lay.cp}' if lay.cp > 1 else ''} pp {lay.pp}{vpp} dp {lay.dp}) | {lay.precision} | seq "
+        f"{lay.seq_length}{f' ({lay.local_seq_length} per rank)' if lay.cp > 1 else ''} x micro-batch "
         f"{lay.micro_batch_size}, {lay.micro_batches} micro-batches | recompute {lay.recompute} | "
         f"kernels {lay.kernels}{' (fused loss)' if lay.fused_loss else ''} | "
         f"distributed optimizer {'on' if lay.distributed_optimizer else 'off'}",
