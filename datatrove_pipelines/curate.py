@@ -3,12 +3,13 @@
     python -m datatrove_pipelines.curate --input DIR_OR_GLOB --output DIR [--tasks N] [--workers N]
         [--oracle URL|HF_DIR|smollm2] [--oracle-sample 200] [--scorer HF_DIR] [--scorer-base HF_DIR]
         [--drop-fraction 0.1] [--executor local|slurm|ray] [--max-files N] [--no-near-dedup]
-        [--tokenizer DIR] [--fim-rate 0.5] [--no-redact]
+        [--tokenizer DIR] [--fim-rate 0.5] [--no-redact] [--quality-classifier PATH --quality-threshold 0.5]
 
 Stages (each a datatrove executor with its own logging dir under OUTPUT/logs; a rerun skips the
 tasks that completed, so an interrupted job resumes):
 
 1. ``filter``        read (directory tree: one document per file; or jsonl/parquet) -> file filters
+                     -> fastText classifier (``classifiers.py``; only with --quality-classifier)
                      -> 10-gram + MinHash decontamination (--benchmark) -> secrets/PII redaction
                      (``redaction.py``; off with --no-redact) -> OUTPUT/stages/1_filtered
 2. ``exact``         SHA256 file + repository dedup (signature, then filter) -> 2_exact
@@ -29,7 +30,10 @@ datatrove's Slurm/Ray executors and are **not exercised by the test suite**.
 item, kind (exact: the shared 10-gram; near: the MinHash Jaccard estimate).
 
 ``OUTPUT/stats.json`` reconciles documents: files read = kept + dropped per stage and reason;
-``OUTPUT/score_histogram.png`` shows the score distribution and the cut.
+``OUTPUT/score_histogram.png`` shows the score distribution and the cut. ``OUTPUT/label_audit.json``
+(``label_audit.py``) compares the scorer with the oracle on the labels held out of its training
+(--audit-fraction; MAE, Spearman, Pearson; headline in stats.json under ``audit``) and counts
+scores per bin per language (``score_histograms_by_language.png``).
 
 The command line runs in its own process group (``run_cli_in_own_group``): Ctrl-C, SIGTERM, a
 failure or the end of the run also ends datatrove's pool workers, forkserver and Manager.
@@ -142,7 +146,14 @@ def run(args: argparse.Namespace) -> dict:
                          adapter=report_adapter)
     decontaminate = BenchmarkDecontaminator(args.benchmark or ["humaneval"], exclusion_writer=report,
                                             near_threshold=None if args.no_near_match else args.near_match_threshold)
-    execute("filter", [reader_for(args.input, args.max_files), CodeFileFilter(), decontaminate,
+    # The fastText classifier runs after the cheap file filters and before the costlier
+    # decontamination; its drops are counted as filter/dropped_low_classifier_score.
+    classify = []
+    if args.quality_classifier:
+        from datatrove_pipelines.classifiers import ClassifierFilter
+
+        classify = [ClassifierFilter(args.quality_classifier, args.quality_threshold)]
+    execute("filter", [reader_for(args.input, args.max_files), CodeFileFilter(), *classify, decontaminate,
                        *redact, JsonlWriter(stage_dir("1_filtered"))])
     execute("exact_signature", [JsonlReader(stage_dir("1_filtered")), ExactDedupSignature(os.path.join(out, "exact"))])
     execute("exact_filter", [JsonlReader(stage_dir("1_filtered")), ExactDedupFilter(os.path.join(out, "exact")),
@@ -192,7 +203,7 @@ def run(args: argparse.Namespace) -> dict:
             base = args.scorer_base or smollm2_hf_dir()
             log(f"stage scorer: training a regression head on {base}")
             train_scorer(labels, base, scorer_dir, epochs=args.scorer_epochs, max_tokens=args.max_tokens,
-                         num_layers=args.scorer_layers)
+                         num_layers=args.scorer_layers, holdout=args.audit_fraction, seed=args.seed)
     execute("score", [JsonlReader(deduped), QualityScorer(scorer_dir, os.path.join(out, "scores"),
                                                           max_tokens=args.max_tokens),
                       JsonlWriter(stage_dir("4_scored"))])
@@ -207,8 +218,10 @@ def run(args: argparse.Namespace) -> dict:
     write_contamination_report(out)
     if args.tokenize:
         tokenize(out, args)
+    from datatrove_pipelines.label_audit import describe
+
     log(f"done in {time.time() - t0:.0f} s: {stats['documents_in']} files in, {stats['kept']} kept "
-        f"-> {os.path.join(out, 'kept')} (stats: {os.path.join(out, 'stats.json')})")
+        f"-> {os.path.join(out, 'kept')} (stats: {os.path.join(out, 'stats.json')}); {describe(stats['audit'])}")
     return stats
 
 
@@ -238,6 +251,7 @@ def _stage_stats(out: str, name: str) -> dict:
 
 def write_stats(out: str, args) -> dict:
     """stats.json: files read = kept + dropped per stage and reason, from datatrove's own stats."""
+    from datatrove_pipelines.label_audit import headline, write_label_audit
     from datatrove_pipelines.redaction import SecretRedactor
 
     stages = {name: _stage_stats(out, name) for name in STAGES}
@@ -258,10 +272,13 @@ def write_stats(out: str, args) -> dict:
             if name == "near_filter" and stat == "dropped":
                 dropped["near_filter/dropped_near_duplicate"] = dropped.get("near_filter/dropped_near_duplicate", 0) + value
     kept = sum(v for k, v in stages["select"].items() if k.endswith("::forwarded") and "FILTER" in k)
+    # The scorer's agreement with the oracle on labels it did not train on, and per-language
+    # score histograms: label_audit.json beside this file, the headline numbers in it.
+    audit = write_label_audit(out, args.scorer or os.path.join(out, "scorer"), args.drop_fraction)
     stats = {"documents_in": documents_in, "kept": kept, "dropped": dropped, "dropped_total": sum(dropped.values()),
              "reconciles": documents_in == kept + sum(dropped.values()),
              "vendored_directories_skipped": reader.get("skipped_vendored", 0), "redacted": redacted,
-             "drop_fraction": args.drop_fraction, "stages": stages}
+             "drop_fraction": args.drop_fraction, "audit": headline(audit), "stages": stages}
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
     _histogram(out, args.drop_fraction)
@@ -269,20 +286,13 @@ def write_stats(out: str, args) -> dict:
 
 
 def _histogram(out: str, drop_fraction: float) -> Optional[str]:
-    scores = []
-    for path in glob.glob(os.path.join(out, "scores", "*.json")):
-        with open(path) as f:
-            for values in json.load(f).values():
-                scores += values
+    from datatrove_pipelines.label_audit import pyplot, read_scores
+
+    scores = [v for values in read_scores(os.path.join(out, "scores")).values() for v in values]
     if not scores:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is not installed: no score_histogram.png (pip install matplotlib)")
+    plt = pyplot("score_histogram.png")
+    if plt is None:
         return None
     import numpy as np
 
@@ -340,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=None, help="a trained scorer (HF dir); skips labelling and training")
     p.add_argument("--scorer-base", default=None, help="HF Llama dir the scorer is trained from (default SmolLM2)")
     p.add_argument("--scorer-epochs", type=int, default=1)
+    p.add_argument("--audit-fraction", type=float, default=0.2,
+                   help="oracle labels held out of the scorer's training (at least 1): its held-out MAE and "
+                        "the oracle-vs-scorer agreement in label_audit.json")
     p.add_argument("--scorer-layers", type=int, default=None,
                    help="keep the first N layers of the scorer's base model (default all): scoring cost scales with it")
     p.add_argument("--oracle-prompt-tokens", type=int, default=1536,
@@ -358,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep secrets and PII (e-mails, public IPs, keys, tokens) instead of redacting them")
     p.add_argument("--max-redacted-fraction", type=float, default=0.5,
                    help="drop a file (redaction/dropped_mostly_secrets) when more of its text than this is redacted")
+    p.add_argument("--quality-classifier", default=None,
+                   help="a local fastText model (model.bin or its directory, from python -m "
+                        "datatrove_pipelines.classifiers train): keep files it scores >= --quality-threshold")
+    p.add_argument("--quality-threshold", type=float, default=0.5,
+                   help="minimum positive-class probability (metadata classifier_score)")
     return p
 
 
@@ -367,6 +385,13 @@ def main(argv=None) -> int:
         raise SystemExit("--drop-fraction must be in [0, 1)")
     if not 0 < args.max_redacted_fraction <= 1:
         raise SystemExit("--max-redacted-fraction must be in (0, 1]")
+    if not 0 <= args.quality_threshold <= 1:
+        raise SystemExit("--quality-threshold must be in [0, 1]")
+    if args.quality_classifier and not os.path.isfile(args.quality_classifier) \
+            and not os.path.isfile(os.path.join(args.quality_classifier, "model.bin")):
+        raise SystemExit(f"--quality-classifier {args.quality_classifier}: no fastText model there")
+    if not 0 < args.audit_fraction < 1:
+        raise SystemExit("--audit-fraction must be in (0, 1)")
     from megatron_seed.platform.processes import run_cli_in_own_group
 
     code = run_cli_in_own_group("datatrove_pipelines.curate", argv)

@@ -2,8 +2,11 @@
 
 As in the paper: labels rescaled to [0, 1], MSE, one epoch by default; held-out MAE reported on
 the 0-10 scale next to the MAE of always predicting the training mean (a scorer that does not
-beat that has learned nothing). The base model is any HF Llama directory: a checkpoint of ours
-exported with ``tools/convert_checkpoint.py mcore-to-hf``, a converted HF model, or SmolLM2.
+beat that has learned nothing). The scorer's directory keeps the split (``label_split.json``: the
+ids trained on and held out) and its scores of the held-out labels (``held_out_predictions.jsonl``),
+which the curation's label audit (``label_audit.py``) compares with the oracle's. The base model
+is any HF Llama directory: a checkpoint of ours exported with ``tools/convert_checkpoint.py
+mcore-to-hf``, a converted HF model, or SmolLM2.
 
 ``QualityScorer`` (datatrove step) scores documents in length-sorted batches (GPU when present,
 CPU otherwise) into ``metadata["quality_score"]`` (0-10) and writes each task's scores per
@@ -48,6 +51,20 @@ def _autocast(device):
     return contextlib.nullcontext()
 
 
+SPLIT_FILE = "label_split.json"  # in the scorer's directory: ids trained on and held out
+HELD_OUT_FILE = "held_out_predictions.jsonl"  # held-out labels with the trained scorer's scores
+
+
+def split_labels(rows: list, holdout: float, rng: random.Random) -> tuple[list, list]:
+    """(train, held out): a shuffle by ``rng``, then the first ``holdout`` fraction held out, at
+    least 1 and at most all but 1 label. The held-out labels are the scorer's test set (its
+    metrics and the curation's label audit); training never sees them."""
+    rows = list(rows)
+    rng.shuffle(rows)
+    n_held = min(max(1, int(len(rows) * holdout)), len(rows) - 1)
+    return rows[n_held:], rows[:n_held]
+
+
 def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int = 1, lr: float = 1e-4,
                  batch_size: int = 4, max_tokens: int = 512, holdout: float = 0.2, seed: int = 0,
                  num_layers: Optional[int] = None,
@@ -64,10 +81,11 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
         rows = [json.loads(line) for line in f if line.strip()]
     if len(rows) < 4:
         raise ValueError(f"{labels_file}: {len(rows)} labelled files; the scorer needs at least 4")
+    for n, row in enumerate(rows):
+        row.setdefault("id", f"line-{n + 1}")  # the split file names every label
+    # One generator for the split and the epoch shuffles: the split is the first draw.
     rng = random.Random(seed)
-    rng.shuffle(rows)
-    n_held = max(1, int(len(rows) * holdout))
-    held, train = rows[:n_held], rows[n_held:]
+    train, held = split_labels(rows, holdout, rng)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     if tokenizer.pad_token_id is None:
@@ -90,10 +108,12 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
     steps = epochs * math.ceil(len(train) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / max(steps, 1))
     step = 0
+    trained_on = set()
     for epoch in range(epochs):
         rng.shuffle(train)
         for lo in range(0, len(train), batch_size):
             batch = train[lo:lo + batch_size]
+            trained_on.update(r["id"] for r in batch)
             enc = tokenizer([r["text"] for r in batch], truncation=True, max_length=max_tokens, padding=True,
                             return_tensors="pt").to(device)
             target = torch.tensor([r["rating"] / 10.0 - offset for r in batch], device=device)
@@ -120,6 +140,14 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
                "mean_predictor_mae": float(np.abs(mean - truth).mean()), "train_mean_rating": mean}
     with open(os.path.join(output_dir, "scorer_metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+    # What the label audit needs: which labels the scorer saw, and its scores of the others.
+    with open(os.path.join(output_dir, SPLIT_FILE), "w") as f:
+        json.dump({"holdout": holdout, "seed": seed, "train_ids": sorted(trained_on),
+                   "held_out_ids": [r["id"] for r in held]}, f)
+    with open(os.path.join(output_dir, HELD_OUT_FILE), "w", encoding="utf-8") as f:
+        for r, p in zip(held, predicted):
+            f.write(json.dumps({"id": r["id"], "language": r.get("language"), "source": r.get("source"),
+                                "rating": r["rating"], "predicted": round(float(p), 4)}) + "\n")
     log(f"held-out MAE {metrics['held_out_mae']:.3f} (0-10 scale) vs mean predictor "
         f"{metrics['mean_predictor_mae']:.3f}, {len(train)} train / {len(held)} held-out")
     return metrics
@@ -179,6 +207,11 @@ def thresholds(scores_folder: str, world_size: int, drop_fraction: float, min_do
     for r in range(world_size):
         for language, values in read_task_json(scores_folder, r, "QualityScorer", world_size).items():
             per_language[language] += values
+    return thresholds_of(per_language, drop_fraction, min_docs)
+
+
+def thresholds_of(per_language: dict, drop_fraction: float, min_docs: int = 20) -> dict:
+    """:func:`thresholds` of scores already read ({language: [scores]})."""
     everything = [v for values in per_language.values() for v in values]
     overall = float(np.quantile(everything, drop_fraction)) if everything else 0.0
     return {language: float(np.quantile(values, drop_fraction)) if len(values) >= min_docs else overall

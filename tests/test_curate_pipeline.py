@@ -39,6 +39,14 @@ def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):
     dropped = stats["dropped"]
     assert dropped["read/skipped_unknown_language"] == 2  # the PNGs
     assert dropped["filter/dropped_contaminated"] == 2  # HumanEval/0's solution, in repo_a and its fork
+    assert dropped["filter/dropped_near_match"] == 1  # repo_b/renamed.py: the same solution, renamed
+    # contamination.jsonl: one row per decontaminated file, which benchmark item, exact or near.
+    rows = [json.loads(line) for line in (out / "contamination.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["path"], r["benchmark"], r["item"], r["kind"]) for r in rows) == [
+        ("repo_a/solution.py", "solution.py", "humaneval", "HumanEval/0", "exact"),
+        ("repo_b/renamed.py", "renamed.py", "humaneval", "HumanEval/0", "near"),
+        ("repo_fork/solution.py", "solution.py", "humaneval", "HumanEval/0", "exact")]
+    assert len(rows) == dropped["filter/dropped_contaminated"] + dropped["filter/dropped_near_match"]
     assert dropped["filter/dropped_syntax_error"] == 2 and dropped["filter/dropped_auto_generated"] == 2
     assert dropped["filter/dropped_data_dominated"] == 2
     assert dropped["exact_filter/dropped_duplicate_repo"] == 6 and dropped["exact_filter/dropped_duplicate_file"] == 1
@@ -65,6 +73,18 @@ def test_pipeline_end_to_end_reconciles_and_resumes(tmp_path, tiny_model):
     assert len(labels) >= 4 and all(0 <= r["rating"] <= 10 for r in labels)
     assert json.loads((out / "scorer" / "scorer_metrics.json").read_text())["held_out"] >= 1
     assert (out / "score_histogram.png").stat().st_size > 1000
+    # The label audit: the held-out labels (none trained on) against the scorer, beside stats.json.
+    split = json.loads((out / "scorer" / "label_split.json").read_text())
+    assert not set(split["train_ids"]) & set(split["held_out_ids"])
+    assert sorted(split["train_ids"] + split["held_out_ids"]) == sorted(r["id"] for r in labels)
+    audit = json.loads((out / "label_audit.json").read_text())
+    assert audit["held_out"]["count"] == len(split["held_out_ids"]) == stats["audit"]["count"] >= 1
+    assert stats["audit"]["mae"] == audit["held_out"]["mae"] is not None
+    assert (audit["held_out"]["spearman"] is None) == (audit["held_out"]["reason"] is not None)
+    scored = sum(v for k, v in stats["stages"]["score"].items() if k.endswith("::scored"))
+    assert audit["scores"]["files"] == scored == sum(sum(h["counts"]) for h in audit["scores"]["by_language"].values())
+    assert (out / "score_histograms_by_language.png").stat().st_size > 1000
+    assert "label audit on" in proc.stderr
     repo_docs = []
     for path in sorted((out / "repo_level").glob("*.jsonl.gz")):
         with gzip.open(path, "rt") as f:

@@ -7,29 +7,8 @@ import json
 
 from datatrove.data import Document
 
+from curation_fixtures import RENAMED
 from datatrove_pipelines.decontamination import BenchmarkDecontaminator, benchmark_items, parse_spec, report_adapter
-
-# HumanEval/0's canonical solution, variables renamed (every one), inside a function of
-# another name and docstring: no 10 words in a row survive, the shape does.
-# (Moving a line of a solution this short breaks about a third of its shingles: below 0.7.)
-RENAMED = '''import sys
-
-
-def any_two_close(values, tol):
-    """Report whether the list holds a pair nearer than tol."""
-    for a, x in enumerate(values):
-        for b, y in enumerate(values):
-            if a != b:
-                gap = abs(x - y)
-                if gap < tol:
-                    return True
-
-    return False
-
-
-if __name__ == "__main__":
-    print(any_two_close([float(v) for v in sys.argv[1:]], 0.5))
-'''
 
 # Ordinary code with the same idioms (nested enumerate loops, abs, early return): not a copy.
 LOOKALIKE = '''def find_pair(items, target):
