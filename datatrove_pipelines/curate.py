@@ -215,6 +215,10 @@ def run(args: argparse.Namespace) -> dict:
         execute("repo_level", [JsonlReader(os.path.join(out, "kept")), RepoLevelDocuments(args.seed),
                                JsonlWriter(os.path.join(out, "repo_level"))])
     stats = write_stats(out, args)
+    if args.commit_samples:
+        stats["commits"] = commit_samples_for_input(args.input, os.path.join(out, "commits"), args.commit_samples)
+        with open(os.path.join(out, "stats.json"), "w") as f:
+            json.dump(stats, f, indent=2)
     write_contamination_report(out)
     if args.tokenize:
         tokenize(out, args)
@@ -223,6 +227,23 @@ def run(args: argparse.Namespace) -> dict:
     log(f"done in {time.time() - t0:.0f} s: {stats['documents_in']} files in, {stats['kept']} kept "
         f"-> {os.path.join(out, 'kept')} (stats: {os.path.join(out, 'stats.json')}); {describe(stats['audit'])}")
     return stats
+
+
+def commit_samples_for_input(input_path: str, output: str, max_commits: int) -> dict:
+    """Commit-history samples (datatrove_pipelines.commits) from the git repositories among
+    ``--input``: the directory itself if it is a work tree, else its immediate subdirectories that
+    are. Writes OUTPUT/commits/commits.jsonl and commits_stats.json; returns the counts."""
+    from datatrove_pipelines import commits
+
+    candidates = [input_path] if os.path.isdir(os.path.join(input_path, ".git")) else sorted(
+        os.path.join(input_path, d) for d in (os.listdir(input_path) if os.path.isdir(input_path) else [])
+        if os.path.isdir(os.path.join(input_path, d, ".git")))
+    if not candidates:
+        log(f"commit samples: no git repository in {input_path}; none written")
+        return {"repos": 0, "commits_in": 0, "kept": 0, "dropped_total": 0, "failed": 0, "reconciles": True}
+    stats = commits.build_commit_samples(candidates, output, max_commits=max_commits, log=log)
+    return {"repos": len(candidates), "output": stats["output"],
+            **{k: stats[k] for k in ("commits_in", "kept", "dropped", "dropped_total", "failed", "reconciles")}}
 
 
 def write_contamination_report(out: str) -> str:
@@ -371,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep secrets and PII (e-mails, public IPs, keys, tokens) instead of redacting them")
     p.add_argument("--max-redacted-fraction", type=float, default=0.5,
                    help="drop a file (redaction/dropped_mostly_secrets) when more of its text than this is redacted")
+    p.add_argument("--commit-samples", type=int, default=0, metavar="N",
+                   help="also build commit-history samples from the newest N commits of each git repository "
+                        "in --input (OUTPUT/commits/; datatrove_pipelines.commits); 0: none")
     p.add_argument("--quality-classifier", default=None,
                    help="a local fastText model (model.bin or its directory, from python -m "
                         "datatrove_pipelines.classifiers train): keep files it scores >= --quality-threshold")

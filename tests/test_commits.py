@@ -203,3 +203,18 @@ def test_datatrove_step_yields_documents_with_stats(history):
     assert {d.id for d in docs} == {r["id"] for r in records.values()}
     assert all(d.metadata["repo"] == "proj" and d.metadata["files"] for d in docs)
     assert step.stats["dropped_merge_commit"].total == 2 and step.stats["commits_in"].total == 13
+
+
+def test_curate_builds_commit_samples_from_the_git_repositories_in_its_input(history, tmp_path):
+    from datatrove_pipelines import curate
+
+    repo, _, _, _, _ = history
+    (tmp_path / "plain").mkdir()  # a directory without history is not a repository to read
+    assert curate.build_parser().parse_args(["--input", "x", "--output", "y", "--commit-samples", "5"]).commit_samples == 5
+    got = curate.commit_samples_for_input(str(repo.parent), str(tmp_path / "commits"), 100)
+    assert got["repos"] == 1 and got["commits_in"] == 13 and got["reconciles"]
+    assert got["kept"] == len((tmp_path / "commits" / "commits.jsonl").read_text().splitlines()) > 0
+    assert got["commits_in"] == got["kept"] + got["dropped_total"] + got["failed"]
+    assert curate.commit_samples_for_input(str(repo), str(tmp_path / "one"), 3)["commits_in"] == 3
+    none = curate.commit_samples_for_input(str(tmp_path / "plain"), str(tmp_path / "none"), 5)
+    assert none["repos"] == 0 and none["commits_in"] == 0
