@@ -44,6 +44,13 @@ def test_bad_overrides_name_the_key(override, message):
     ({"dpo.sft_weight": -1.0}, 1, "dpo.sft_weight must be a finite number >= 0"),
     ({"ref.mode": "cached"}, 1, "ref.mode must be 'precomputed' or 'live'"),
     ({"ref.load": None}, 1, "ref.load must be a checkpoint directory or empty"),
+    # context parallelism: layouts it cannot run
+    ({"parallel.context": 2}, 3, "not divisible by parallel.tensor x parallel.pipeline x parallel.context"),
+    ({"parallel.context": 0}, 1, "parallel.context must be >= 1"),
+    ({"parallel.context": 4, "data.seq_length": 60}, 4, "data.seq_length \\(60\\) must be divisible by 8"),
+    ({"parallel.context": 2, "train.objective": "sft"}, 2, "supports train.objective=pretrain only"),
+    ({"parallel.context": 2, "model.attention_backend": "megatron"}, 2, "model.attention_backend=megatron"),
+    ({"parallel.context": 2, "train.global_batch_size": 2}, 4, "train.global_batch_size \\(2\\) must be divisible"),
 ])
 def test_invalid_configs_fail_with_what_to_change(changes, world, message):
     config = run_preset("tiny")

@@ -1,8 +1,8 @@
 """Context parallelism on CPU: the ring attention against plain causal attention over the whole
 sequence (forward and every gradient, GQA, 2 gloo ranks), the sequence layout against
-megatron-core's own, a training run split across context-parallel and data-parallel ranks
-(with the distributed optimizer, saved and resumed) against one process, and the start-up
-errors of layouts it cannot run."""
+megatron-core's own, and a training run split across context-parallel and data-parallel ranks
+(with the distributed optimizer, saved and resumed) against one process. The start-up errors of
+layouts it cannot run are with the other config errors in test_config.py."""
 
 import os
 
@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from helpers import assert_losses_close, losses, run_pretrain
-from megatron_seed.config import ConfigError, run_preset
 from megatron_seed.models.context_parallel import rank_positions, split_sequence
 
 
@@ -100,20 +99,3 @@ def test_context_and_data_parallel_run_resumes_and_matches_one_process(tmp_path)
     want = losses(tmp_path / "one")
     assert_losses_close(got, want, atol=1e-5)
     assert want[6] < want[1]
-
-
-@pytest.mark.parametrize("changes,world,message", [
-    ({"parallel.context": 2}, 3, "not divisible by parallel.tensor x parallel.pipeline x parallel.context"),
-    ({"parallel.context": 0}, 1, "parallel.context must be >= 1"),
-    ({"parallel.context": 4, "data.seq_length": 60}, 4, "data.seq_length \\(60\\) must be divisible by 8"),
-    ({"parallel.context": 2, "train.objective": "sft"}, 2, "supports train.objective=pretrain only"),
-    ({"parallel.context": 2, "model.attention_backend": "megatron"}, 2, "model.attention_backend=megatron"),
-    ({"parallel.context": 2, "train.global_batch_size": 2}, 4, "train.global_batch_size \\(2\\) must be divisible"),
-])
-def test_layouts_context_parallelism_cannot_run_fail_at_start_up(changes, world, message):
-    config = run_preset("tiny")
-    for key, value in changes.items():
-        section, name = key.split(".")
-        setattr(getattr(config, section), name, value)
-    with pytest.raises(ConfigError, match=message):
-        config.validate(world)
