@@ -260,6 +260,6 @@ def load_megatron_model(root: str, dtype: torch.dtype = torch.float32):
 class _OneProcess:
     """The facts Checkpointer.load needs about the layout, for one process."""
 
-    tp = pp = dp = 1
-    tp_rank = pp_rank = dp_rank = 0
+    tp = pp = dp = cp = 1
+    tp_rank = pp_rank = dp_rank = cp_rank = 0
     is_main = True
