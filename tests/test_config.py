@@ -48,7 +48,7 @@ def test_bad_overrides_name_the_key(override, message):
     ({"parallel.context": 2}, 3, "not divisible by parallel.tensor x parallel.pipeline x parallel.context"),
     ({"parallel.context": 0}, 1, "parallel.context must be >= 1"),
     ({"parallel.context": 4, "data.seq_length": 60}, 4, "data.seq_length \\(60\\) must be divisible by 8"),
-    ({"parallel.context": 2, "train.objective": "sft"}, 2, "supports train.objective=pretrain only"),
+    ({"parallel.context": 2, "train.objective": "dpo"}, 2, "supports train.objective=pretrain and sft"),
     ({"parallel.context": 2, "model.attention_backend": "megatron"}, 2, "model.attention_backend=megatron"),
     ({"parallel.context": 2, "train.global_batch_size": 2}, 4, "train.global_batch_size \\(2\\) must be divisible"),
 ])

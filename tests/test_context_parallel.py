@@ -1,5 +1,6 @@
 """Context parallelism on CPU: the ring attention against plain causal attention over the whole
-sequence (forward and every gradient, GQA, 2 gloo ranks), the sequence layout against
+sequence, and against block-diagonal attention over packed rows (forward and every gradient,
+GQA, 2 gloo ranks); SFT under CP is in test_sft.py. The sequence layout against
 megatron-core's own, and a training run split across context-parallel and data-parallel ranks
 (with the distributed optimizer, saved and resumed) against one process. The start-up errors of
 layouts it cannot run are with the other config errors in test_config.py."""
@@ -37,6 +38,21 @@ def _ring_worker(rank: int, world: int, init_file: str, result_dir: str):
         errors = {"out": (out - split_sequence(ref.detach(), rank, world, dim=2)).abs().max().item()}
         for name, mine, full in zip("qkv", local, (q, k, v)):
             errors[f"d{name}"] = (mine.grad - split_sequence(full.grad, rank, world, dim=2)).abs().max().item()
+        # packed rows (SFT): block-diagonal causal by segment ids, against SDPA with the dense mask
+        from megatron_seed.data.packing import segment_ids_to_attention_mask
+
+        segments = torch.tensor([[1] * 5 + [2] * 9 + [3] * 7 + [0] * 3, [1] * 13 + [2] * 11])
+        for t in (q, k, v):
+            t.grad = None
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~segment_ids_to_attention_mask(segments),
+                                             enable_gqa=True)
+        ref.backward(grad_out)
+        local = [split_sequence(t.detach(), rank, world, dim=2).requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*local, dist.group.WORLD, segments=split_sequence(segments, rank, world))
+        out.backward(split_sequence(grad_out, rank, world, dim=2))
+        errors["packed out"] = (out - split_sequence(ref.detach(), rank, world, dim=2)).abs().max().item()
+        for name, mine, full in zip("qkv", local, (q, k, v)):
+            errors[f"packed d{name}"] = (mine.grad - split_sequence(full.grad, rank, world, dim=2)).abs().max().item()
         torch.save(errors, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -46,7 +62,7 @@ def test_ring_attention_matches_causal_attention_over_the_whole_sequence(tmp_pat
     mp.spawn(_ring_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, daemon=True)
     for rank in range(2):
         errors = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert set(errors) == {"out", "dq", "dk", "dv"}
+        assert set(errors) == {"out", "dq", "dk", "dv", "packed out", "packed dq", "packed dk", "packed dv"}
         for name, err in errors.items():  # computed in float32 against a float64 reference
             assert err < 1e-5, (rank, name, err)
 

@@ -128,6 +128,11 @@ def test_layouts_and_micro_batching_give_the_same_sft_losses(tmp_path):
     run_pretrain(tmp_path / "tp2", *common, "train.micro_batch_size=2", "parallel.tensor=2", nproc=2,
                  module="megatron_seed.sft")
     assert_losses_close(losses(tmp_path / "tp2"), ref, atol=1e-5)
+    # context parallelism: each packed row split over 2 ranks, block-diagonal masks from segment ids
+    proc = run_pretrain(tmp_path / "cp2", *common, "train.micro_batch_size=2", "parallel.context=2", nproc=2,
+                        module="megatron_seed.sft")
+    assert "cp 2" in proc.stderr + proc.stdout
+    assert_losses_close(losses(tmp_path / "cp2"), ref, atol=1e-5)
     assert ref[3] < ref[1]  # it learns
     # an SFT checkpoint is an ordinary one: it exports to Hugging Face and loads in transformers
     from transformers import AutoModelForCausalLM

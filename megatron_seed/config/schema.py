@@ -439,11 +439,11 @@ class RunConfig:
         _require(not p.sequence_parallel or (s // p.context) % p.tensor == 0,
                  f"parallel.context={p.context} with parallel.sequence_parallel needs data.seq_length / "
                  f"parallel.context ({s // p.context}) divisible by parallel.tensor ({p.tensor})")
-        # The ring splits causal sequences; SFT/DPO/RL rows carry block-diagonal masks (packed
-        # conversations, pairs), which the ring does not take.
-        _require(self.train.objective == "pretrain",
-                 f"parallel.context={p.context} supports train.objective=pretrain only (got "
-                 f"{self.train.objective!r}: its packed rows need block-diagonal masks); set parallel.context=1")
+        # Token-level losses split with the sequence. DPO and RL sum log-probabilities per
+        # sequence (a pair's or a rollout's), which would need a sum across the group first.
+        _require(self.train.objective in ("pretrain", "sft"),
+                 f"parallel.context={p.context} supports train.objective=pretrain and sft (got "
+                 f"{self.train.objective!r}: its loss sums log-probabilities per sequence); set parallel.context=1")
         _require(self.model.attention_backend == "sdpa",
                  "parallel.context > 1 replaces the core attention; model.attention_backend=megatron "
                  "(megatron-core's DotProductAttention) has no context parallelism: use sdpa")

@@ -150,6 +150,15 @@ def segment_ids_to_attention_mask(segment_ids):
     return ~(same & causal)[:, None]
 
 
+def attention_mask_for(batch: dict):
+    """The mask a packed micro-batch hands the model: the dense block-diagonal causal mask, or,
+    when the rows are split across context-parallel ranks (the trainer marks such batches), the
+    segment ids themselves, from which the ring attention masks each block by global position."""
+    if batch.get("context_parallel"):
+        return batch["segment_ids"]
+    return segment_ids_to_attention_mask(batch["segment_ids"])
+
+
 def segment_ids_to_cu_seqlens(segment_ids):
     """``[b, s]`` segment ids -> (``cu_seqlens`` int32 ``[n + 1]``, ``max_seqlen``) over the
     flattened batch, as Transformer Engine's THD format takes them; a sequence is a run of equal

@@ -21,9 +21,9 @@ For the local spec (CPU, or a GPU without TE) :class:`RingAttention` takes the c
 * grouped-query attention: query head i uses key/value group i // (heads / groups), as in
   megatron-core; the key/value gradients are summed over the heads sharing a group.
 
-Computed in float32 whatever the input precision (the result is cast back). No attention dropout
-and no arbitrary masks: a causal language model over packed documents, which is what pretraining
-feeds it.
+Computed in float32 whatever the input precision (the result is cast back). Masks: causal over
+the whole row (pretraining), or block-diagonal causal over packed samples given by segment ids
+(SFT rows), never a dense [S, S] mask. No attention dropout.
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def split_sequence(tensor: torch.Tensor, cp_rank: int, cp_size: int, dim: int = 
 
 def context_parallel_batches(batches: Iterator[dict], cp_rank: int, cp_size: int) -> Iterator[dict]:
     """Micro-batches (dicts of [batch, seq, ...] tensors, the same on every rank of the group)
-    cut to this rank's part of every sequence. Non-tensor entries pass through."""
+    cut to this rank's part of every sequence. Non-tensor entries pass through; ``context_parallel``
+    is set, so that an objective hands attention segment ids instead of a dense mask
+    (megatron_seed.data.packing.attention_mask_for)."""
     for batch in batches:
         part = {}
         for key, value in batch.items():
@@ -66,6 +68,7 @@ def context_parallel_batches(batches: Iterator[dict], cp_rank: int, cp_size: int
                 except ValueError as err:
                     raise ValueError(f"batch[{key!r}]: {err}") from err
             part[key] = value
+        part["context_parallel"] = True
         yield part
 
 
@@ -91,9 +94,23 @@ def _expand(kv: torch.Tensor, heads: int) -> torch.Tensor:
     return kv if groups == heads else kv.repeat_interleave(heads // groups, dim=1)
 
 
-def _scores(q, k, q_pos, k_pos, scale):
+def _scores(q, k, q_pos, k_pos, scale, q_segments=None, k_segments=None):
+    """Scaled scores of a query block against a key block, -inf where the causal mask of their
+    global positions (and, for packed rows, different segments) forbids attention."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    return scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    masked = k_pos[None, :] > q_pos[:, None]
+    if q_segments is not None:  # [b, s_q] and [b, s_k] -> [b, 1, s_q, s_k]
+        masked = (masked[None] | (q_segments[:, :, None] != k_segments[:, None, :]))[:, None]
+    return scores.masked_fill(masked, float("-inf"))
+
+
+def _gather_segments(segments: Optional[torch.Tensor], group) -> Optional[list]:
+    """Every rank's segment ids (a few integers per token: gathered once, not passed around)."""
+    if segments is None:
+        return None
+    parts = [torch.empty_like(segments) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, segments.contiguous(), group=group)
+    return parts
 
 
 class _RingAttention(torch.autograd.Function):
@@ -101,18 +118,21 @@ class _RingAttention(torch.autograd.Function):
     docstring for the schedule."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, group):
+    def forward(ctx, q, k, v, scale: float, group, segments=None):
         rank, size = group.rank(), group.size()
         heads = q.shape[1]
         q32 = q.float()
         q_pos = rank_positions(q.shape[2], rank, size, q.device)
+        all_segments = _gather_segments(segments, group)
         kv = torch.stack([k.float(), v.float()])
         out = lse = None
         for step in range(size):
             if step < size - 1:
                 incoming, requests = _exchange(kv, group)
-            k_pos = rank_positions(kv.shape[3], (rank - step) % size, size, q.device)
-            scores = _scores(q32, _expand(kv[0], heads), q_pos, k_pos, scale)
+            source = (rank - step) % size
+            k_pos = rank_positions(kv.shape[3], source, size, q.device)
+            scores = _scores(q32, _expand(kv[0], heads), q_pos, k_pos, scale, segments,
+                             None if all_segments is None else all_segments[source])
             block_lse = torch.logsumexp(scores, dim=-1)  # -inf on rows this block fully masks
             finite_lse = torch.where(torch.isinf(block_lse), torch.zeros_like(block_lse), block_lse)
             block_out = torch.matmul(torch.exp(scores - finite_lse[..., None]), _expand(kv[1], heads))
@@ -127,7 +147,7 @@ class _RingAttention(torch.autograd.Function):
                 _wait(requests)
                 kv = incoming
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group = scale, group
+        ctx.scale, ctx.group, ctx.segments, ctx.all_segments = scale, group, segments, all_segments
         return out.to(q.dtype)
 
     @staticmethod
@@ -146,8 +166,10 @@ class _RingAttention(torch.autograd.Function):
                                   torch.zeros_like(v, dtype=torch.float32)])
         for step in range(size):
             kb, vb = _expand(travelling[0], heads), _expand(travelling[1], heads)
-            k_pos = rank_positions(kb.shape[2], (rank - step) % size, size, q.device)
-            probs = torch.exp(_scores(q32, kb, q_pos, k_pos, scale) - lse[..., None])
+            source = (rank - step) % size
+            k_pos = rank_positions(kb.shape[2], source, size, q.device)
+            k_segments = None if ctx.all_segments is None else ctx.all_segments[source]
+            probs = torch.exp(_scores(q32, kb, q_pos, k_pos, scale, ctx.segments, k_segments) - lse[..., None])
             grad_v = torch.matmul(probs.transpose(-1, -2), grad32)
             grad_scores = probs * (torch.matmul(grad32, vb.transpose(-1, -2)) - delta)
             grad_q += torch.matmul(grad_scores, kb) * scale
@@ -164,19 +186,21 @@ class _RingAttention(torch.autograd.Function):
         if size > 1:  # each block's gradient is one hop from its owner
             grads, requests = _exchange(grads.contiguous(), group)
             _wait(requests)
-        return grad_q.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None
+        return grad_q.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
-                   scale: Optional[float] = None) -> torch.Tensor:
+                   scale: Optional[float] = None, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention over sequences split across ``group`` in megatron-core's context-parallel
-    layout. q [b, heads, s_local, d], k and v [b, groups, s_local, d]; returns [b, heads, s_local, d]."""
+    layout. q [b, heads, s_local, d], k and v [b, groups, s_local, d]; returns [b, heads, s_local, d].
+    ``segments`` ([b, s_local] integers, this rank's part of each row's segment ids): packed rows,
+    where a token attends only to earlier tokens of its own segment (block-diagonal causal)."""
     if q.shape[2] % 2:
         raise ValueError(f"the local sequence ({q.shape[2]} tokens) must hold two equal chunks")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value groups")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _RingAttention.apply(q, k, v, float(scale), group)
+    return _RingAttention.apply(q, k, v, float(scale), group, segments)
 
 
 class RingAttention(MegatronModule):
@@ -202,10 +226,16 @@ class RingAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("context-parallel ring attention takes no attention mask, bias or packed "
-                             "sequences (causal over the whole sequence only)")
+        # A mask here is a packed row's segment ids ([b, s_local] integers; see
+        # megatron_seed.data.packing.attention_mask_for): a dense [s, s] mask would need the
+        # whole sequence on every rank, which is what context parallelism avoids.
+        segments = attention_mask
+        if segments is not None and (segments.dim() != 2 or segments.is_floating_point() or segments.dtype == torch.bool):
+            raise ValueError("context-parallel ring attention takes segment ids ([batch, local sequence] integers) "
+                             f"as its mask, not a {tuple(segments.shape)} {segments.dtype} tensor")
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("context-parallel ring attention takes no attention bias or packed-sequence parameters")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, n, d] -> [b, n, s, d]
-        out = ring_attention(q, k, v, self.cp_group, self.softmax_scale)
+        out = ring_attention(q, k, v, self.cp_group, self.softmax_scale, segments)
         b, n, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)

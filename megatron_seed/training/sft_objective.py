@@ -64,10 +64,10 @@ class SFTObjective(Objective):
                               self.device)
 
     def forward_step(self, data_iterator, model):
-        from megatron_seed.data.packing import segment_ids_to_attention_mask
+        from megatron_seed.data.packing import attention_mask_for
 
         batch = next(data_iterator)
-        mask = segment_ids_to_attention_mask(batch["segment_ids"])
+        mask = attention_mask_for(batch)
         output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
                        loss_mask=batch["loss_mask"])  # see PretrainObjective.forward_step
         return output, partial(sft_loss, batch["loss_mask"], batch["segment_ids"] > 0)
