@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     data = out / "data"
 
-    from megatron_seed.data import preprocess, stdlib_corpus, tokenizer_training
+    from megatron_seed.data import stdlib_corpus, tokenizer_training
 
     jsonl = data / "code.jsonl"
     n_files, n_records = stdlib_corpus.write_jsonl(str(jsonl), args.max_files, site_packages=args.site_packages_files)
@@ -118,12 +118,9 @@ def main(argv=None) -> int:
     log(f"4/12 tokenizer: byte-level BPE on the kept files, vocab {args.vocab_size} -> {tokenizer_dir}")
 
     prefix = data / "code"
-    code = preprocess.main(["--input", *kept, "--output-prefix", str(prefix), "--json-keys", "text",
-                            "--tokenizer-model", str(tokenizer_dir), "--append-eod", "--fim-rate", "0.5",
-                            "--workers", str(args.workers), "--log-interval", "0"])
+    code, dataset = preprocess_documents(kept, prefix, tokenizer_dir, 0.5, args.workers)
     if code:
         return code
-    dataset = preprocess.output_prefix(str(prefix), "text")
     log(f"5/12 preprocess: -> {dataset}.bin/.idx (SPM FIM rate 0.5; summary in {prefix}_summary.json)")
 
     log("6/12 pretrain: tiny preset on the curated tokens")
@@ -154,12 +151,23 @@ def main(argv=None) -> int:
     return demo_posttrain.run(out / "posttrain", args)
 
 
+def preprocess_documents(inputs: list, prefix: Path, tokenizer_dir: Path, fim_rate: float,
+                         workers: int) -> tuple[int, str]:
+    """jsonl(.gz) documents -> Megatron .bin/.idx with SPM fill-in-the-middle at ``fim_rate``:
+    (exit code, the dataset prefix a blend names)."""
+    from megatron_seed.data import preprocess
+
+    code = preprocess.main(["--input", *inputs, "--output-prefix", str(prefix), "--json-keys", "text",
+                            "--tokenizer-model", str(tokenizer_dir), "--append-eod", "--fim-rate", str(fim_rate),
+                            "--workers", str(workers), "--log-interval", "0"])
+    return code, preprocess.output_prefix(str(prefix), "text")
+
+
 def long_context_stage(out: Path, curated: Path, tokenizer_dir: Path, args) -> tuple[int, Path]:
     """Stage 6, second part: continued pretraining at twice the sequence length on the
     repository-level documents (FIM rate 0.1, the paper's for this phase), from the first
     part's weights, as stage 2 of examples/seed_coder_schedule.yaml does at 32K. Returns the
     exit code and the checkpoint the later stages use."""
-    from megatron_seed.data import preprocess
     from megatron_seed.pretrain import main as pretrain
 
     docs = sorted(str(p) for p in (curated / "repo_level").glob("*.jsonl.gz"))
@@ -167,12 +175,9 @@ def long_context_stage(out: Path, curated: Path, tokenizer_dir: Path, args) -> t
         log("6/12 pretrain, long context: skipped (curation wrote no repository-level documents)")
         return 0, out / "checkpoints"
     prefix = out / "data" / "repo_level"
-    code = preprocess.main(["--input", *docs, "--output-prefix", str(prefix), "--json-keys", "text",
-                            "--tokenizer-model", str(tokenizer_dir), "--append-eod", "--fim-rate", "0.1",
-                            "--workers", str(args.workers), "--log-interval", "0"])
+    code, dataset = preprocess_documents(docs, prefix, tokenizer_dir, 0.1, args.workers)
     if code:
         return code, out / "checkpoints"
-    dataset = preprocess.output_prefix(str(prefix), "text")
     summary = json.loads(Path(f"{prefix}_summary.json").read_text())
     log(f"6/12 pretrain, long context: {summary['written']} repository-level documents ({summary['tokens']:,} "
         f"tokens) -> {dataset}.bin/.idx (FIM rate 0.1); sequence 256 -> 512, from the first stage's weights")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 from typing import Optional
 
 import torch
@@ -25,19 +24,13 @@ import torch.nn.functional as F
 
 from megatron_seed.config.schema import ModelConfig, ParallelConfig, TrainConfig
 from megatron_seed.models.fp8 import Fp8Recipe, enable_fp8_emulation, transformer_config_kwargs
-from megatron_seed.models.kernel_selection import (enable_fused_rope, fused_lm_loss, norm_and_activation,
-                                                   resolve_kernels)
+from megatron_seed.models.kernel_selection import (enable_fused_rope, fused_lm_loss, imports_cleanly,
+                                                   norm_and_activation, resolve_kernels)
 
 
 def transformer_engine_available() -> bool:
     """TE is used only with CUDA, and only if it imports (it fails to import without cuDNN)."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
-        return False
-    return True
+    return torch.cuda.is_available() and imports_cleanly("transformer_engine.pytorch")
 
 
 def resolve_impl(model: ModelConfig) -> str:

@@ -25,14 +25,20 @@ from megatron_seed.models.norm import RMSNorm
 from megatron_seed.models.swiglu import SwiGLU
 
 
-def triton_importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
+def imports_cleanly(module: str) -> bool:
+    """Installed and importable. A broken install (Transformer Engine without cuDNN, a triton
+    built for another torch) means "not usable here", not an error."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
         return False
     try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install means "not usable here"
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
         return False
     return True
+
+
+def triton_importable() -> bool:
+    return imports_cleanly("triton")
 
 
 def resolve_kernels(choice: str) -> str:
