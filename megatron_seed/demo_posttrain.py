@@ -93,7 +93,8 @@ def rl(out: Path, hf: str, policy: Path, args, start: float) -> int:
         "rl.max_refill_rounds=1", "train.global_batch_size=8", "train.micro_batch_size=4", "data.seq_length=512",
         f"train.steps={args.rl_steps}", "optimizer.lr=1e-6", "optimizer.min_lr=1e-6", "optimizer.schedule=constant",
         "optimizer.warmup_steps=0", "train.log_interval=1", f"train.run_dir={out / 'rl_run'}",
-        f"train.save={out / 'rl_ckpt'}", "train.tensorboard=false", f"data.cache_dir={out / 'cache'}",
+        f"train.save={out / 'rl_ckpt'}", "train.save_optimizer=false", "train.tensorboard=false",
+        f"data.cache_dir={out / 'cache'}",
     ])
 
 
@@ -118,7 +119,7 @@ def sft(out: Path, hf: str, base: Path, args, start: float) -> int:
         "train.micro_batch_size=1", "train.global_batch_size=2", "train.log_interval=1",
         f"train.eval_interval={args.sft_steps}", "train.eval_steps=1", "optimizer.lr=1e-5", "optimizer.min_lr=1e-6",
         "optimizer.warmup_steps=0", f"train.run_dir={out / 'sft_run'}", f"train.save={out / 'sft_ckpt'}",
-        "train.tensorboard=false",
+        "train.save_optimizer=false", "train.tensorboard=false",
     ])
 
 
@@ -167,5 +168,5 @@ def dpo(out: Path, hf: str, sft_ckpt: Path, pairs: Path, args) -> int:
         f"train.steps={args.dpo_steps}", "train.micro_batch_size=1", "train.global_batch_size=2",
         "train.log_interval=1", "optimizer.lr=5e-6", "optimizer.min_lr=5e-7", "optimizer.warmup_steps=0",
         "dpo.beta=0.1", f"train.run_dir={out / 'dpo_run'}", f"train.save={out / 'dpo_ckpt'}",
-        "train.tensorboard=false",
+        "train.save_optimizer=false", "train.tensorboard=false",
     ])

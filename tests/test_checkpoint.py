@@ -21,6 +21,19 @@ def test_resume_is_exact_single_process(tmp_path):
     assert sorted(got) == [4, 5, 6]
     assert_losses_close(got, {s: want[s] for s in (4, 5, 6)}, atol=0.0)
 
+    # train.save_optimizer=false: weights only, a fraction of the bytes; a load restarts Adam
+    # and the LR schedule but step 4 (computed before any update) sees the same weights and data
+    slim, slim_run, from_slim = tmp_path / "slim", tmp_path / "slim_run", tmp_path / "from_slim"
+    run_pretrain(slim_run, *COMMON, f"train.save={slim}", "train.save_interval=3", "train.save_optimizer=false")
+    assert _bytes(slim / "iter_0000003") < 0.5 * _bytes(ckpt / "iter_0000003")
+    proc = run_pretrain(from_slim, *COMMON, f"train.load={slim}/iter_0000003")
+    assert "holds no optimizer state" in proc.stdout + proc.stderr
+    assert losses(from_slim)[4] == want[4]
+
+
+def _bytes(directory) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
 
 def test_resume_is_exact_with_distributed_optimizer(tmp_path):
     full, resumed, ckpt = (tmp_path / n for n in ("full", "resumed", "ckpt"))

@@ -206,6 +206,10 @@ class TrainConfig:
     save_interval: int = 0
     load: Optional[str] = None
     async_save: bool = False
+    # Megatron-LM's --no-save-optim: checkpoints hold the weights (and step, data position, RNG)
+    # but no optimizer state or LR schedule, about a third of the bytes under Adam; enough to start
+    # the next stage (train.finetune) or to convert, not for an exact resume.
+    save_optimizer: bool = True
     eval_interval: int = 0
     eval_steps: int = 2
     tensorboard: bool = True

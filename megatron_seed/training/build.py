@@ -95,7 +95,7 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
     optimizer = build_optimizer(chunks, run)
     scheduler = build_scheduler(optimizer, run)
     trainer = Trainer(run, ctx, chunks, optimizer, scheduler, objective,
-                      Checkpointer(ctx, t.save, t.async_save), logger)
+                      Checkpointer(ctx, t.save, t.async_save, t.save_optimizer), logger)
     if t.load:
         state = trainer.checkpointer.load(t.load, chunks, optimizer, scheduler,
                                           with_optimizer=not t.finetune or t.finetune_load_optimizer,

@@ -224,8 +224,9 @@ def _bind_save_helpers_to_this_process() -> None:
 
 
 class Checkpointer:
-    def __init__(self, ctx, save_dir: Optional[str], async_save: bool = False):
+    def __init__(self, ctx, save_dir: Optional[str], async_save: bool = False, save_optimizer: bool = True):
         self.ctx, self.save_dir, self.async_save = ctx, save_dir, async_save
+        self.save_optimizer = save_optimizer
         self._queue = None
 
     # ---------------------------------------------------------------- save
@@ -242,7 +243,7 @@ class Checkpointer:
         torch.distributed.barrier()
         _bind_save_helpers_to_this_process()
         sd = _state_dict(chunks, optimizer, scheduler, state, self.ctx, is_loading=False,
-                         with_optimizer=True, with_rng=True)
+                         with_optimizer=self.save_optimizer and optimizer is not None, with_rng=True)
         if self.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -303,7 +304,11 @@ class Checkpointer:
                 print(f"checkpoint {found} was saved with {saved}; loading the model only "
                       "(optimizer state and LR schedule start fresh)", flush=True)
             with_optimizer = False
-        with_optimizer = with_optimizer and "scheduler" in common
+        if with_optimizer and "scheduler" not in common:
+            if self.ctx.is_main:
+                print(f"checkpoint {found} holds no optimizer state (saved with train.save_optimizer=false); "
+                      "loading the model only (optimizer state and LR schedule start fresh)", flush=True)
+            with_optimizer = False
         with_rng = same_layout and not finetune
         if with_optimizer:
             # A fresh distributed optimizer has no Adam state to describe yet; megatron-core fills
