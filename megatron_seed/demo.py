@@ -74,11 +74,17 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-tasks", type=int, default=48, help="CodeI/O tasks in the SFT set")
     parser.add_argument("--sft-steps", type=int, default=3)
     parser.add_argument("--pair-samples", type=int, default=4, help="replies sampled per problem")
+    parser.add_argument("--pair-problems", type=int, default=16,
+                        help="starter problems the SFT model samples for DPO pairs (at most 16)")
     parser.add_argument("--dpo-steps", type=int, default=3)
     parser.add_argument("--rl-steps", type=int, default=2, help="RL steps after DPO (0: none)")
     parser.add_argument("--chat-eval-problems", type=int, default=8, help="HumanEval problems for the chat models")
     parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
+    from megatron_seed.demo_posttrain import STARTER
+
+    if not 1 <= args.pair_problems <= STARTER:
+        parser.error(f"--pair-problems must be between 1 and {STARTER} (the starter problems)")
     from megatron_seed.platform.processes import run_cli_in_own_group
 
     code = run_cli_in_own_group("megatron_seed.demo", argv)

@@ -145,9 +145,9 @@ def chat_pass_at_1(checkpoint: Path, results: Path, n_problems: int, problems=No
 def build_pairs(checkpoint: Path, pairs: Path, args, start: float) -> dict:
     from megatron_seed.data.preference_pairs import main as pairs_main
 
-    log(f"10/12 pairs: the SFT model samples {args.pair_samples} replies to each of the {STARTER} starter "
+    log(f"10/12 pairs: the SFT model samples {args.pair_samples} replies to each of {args.pair_problems} starter "
         "problems (simple function tasks shipped with the package; their tests run in the sandbox)", start)
-    code = pairs_main(["--checkpoint", str(checkpoint), "--problems", "starter", "--n", str(args.pair_samples),
+    code = pairs_main(["--checkpoint", str(checkpoint), "--problems", f"starter:{args.pair_problems}", "--n", str(args.pair_samples),
                        "--temperature", "0.8", "--max-new-tokens", "160", "--batch-size", str(2 * args.pair_samples),
                        "--output", str(pairs)])
     if code:

@@ -398,17 +398,16 @@ STARTER_PROBLEMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ass
 def load_problems_from(spec: str, *, cache: Optional[str] = None, sandbox=None, workers: int = 2,
                        seed: int = 0, cases: int = 5, progress: bool = True
                        ) -> tuple[list[Problem], list[ProblemError]]:
-    """``humaneval``, ``starter`` (:data:`STARTER_PROBLEMS`), ``codeio`` / ``codeio:N`` (the first N
-    tasks) or a jsonl(.gz) file; returns
-    the problems and the ones that could not be built (CodeI/O only). Task ids must be unique."""
+    """``humaneval``, ``starter`` / ``starter:N`` (:data:`STARTER_PROBLEMS`, the first N),
+    ``codeio`` / ``codeio:N`` (the first N tasks) or a jsonl(.gz) file; returns the problems and
+    the ones that could not be built (CodeI/O only). Task ids must be unique."""
     errors: list[ProblemError] = []
     if spec == "humaneval":
         problems = load_human_eval()
-    elif spec == "starter":
-        problems = load_jsonl(STARTER_PROBLEMS)
+    elif spec == "starter" or spec.startswith("starter:"):
+        problems = load_jsonl(STARTER_PROBLEMS, _limit(spec))
     elif spec == "codeio" or spec.startswith("codeio:"):
-        limit = int(spec.split(":", 1)[1]) if ":" in spec else None
-        problems, errors = load_codeio(limit, cache=cache, sandbox=sandbox, workers=workers, seed=seed,
+        problems, errors = load_codeio(_limit(spec), cache=cache, sandbox=sandbox, workers=workers, seed=seed,
                                        cases=cases, progress=progress)
     elif os.path.exists(spec):
         problems = load_jsonl(spec)
@@ -419,6 +418,16 @@ def load_problems_from(spec: str, *, cache: Optional[str] = None, sandbox=None, 
     if repeated:
         raise ValueError(f"problems {spec!r}: task ids must be unique; repeated: {repeated[:5]}")
     return problems, errors
+
+
+def _limit(spec: str) -> Optional[int]:
+    """N of ``name:N``; None without one."""
+    if ":" not in spec:
+        return None
+    value = spec.split(":", 1)[1]
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"problems {spec!r}: the part after ':' must be a positive count of problems")
+    return int(value)
 
 
 def refuse_held_out(problems: list[Problem]) -> None:
