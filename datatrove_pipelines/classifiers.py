@@ -79,6 +79,8 @@ import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
+from megatron_seed.data.jsonl import iter_jsonl
+
 POSITIVE = "__label__pos"
 NEGATIVE = "__label__neg"
 DEFAULT_MAX_CHARS = 10_000
@@ -137,36 +139,25 @@ def read_examples(path: str, label_field: Optional[str] = "label", score_field: 
     ``label_field`` it is that field; with neither the examples are unlabelled (a pool)."""
     if score_field is not None and threshold is None:
         raise ValueError(f"{path}: a score field ({score_field!r}) needs a threshold (--threshold)")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
     examples = []
     name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not a JSON record ({e})") from None
-            if not isinstance(data, dict):
-                raise ValueError(f"{where}: a record must be a JSON object")
-            text = data.get("text", data.get("content"))
-            if not isinstance(text, str):
-                raise ValueError(f"{where}: no 'text' (or 'content') string field")
-            record_id = str(data.get("id", f"{name}:{lineno}"))
-            label = None
-            if score_field is not None:
-                if not isinstance(data.get(score_field), (int, float)) or isinstance(data.get(score_field), bool):
-                    raise ValueError(f"{where} (id {record_id}): no numeric {score_field!r} field")
-                label = int(data[score_field] >= threshold)
-            elif label_field is not None:
-                if label_field not in data:
-                    raise ValueError(f"{where} (id {record_id}): no {label_field!r} field; pass --label-field NAME, "
-                                     "or --score-field NAME --threshold X")
-                label = _parse_label(data[label_field], f"{where} (id {record_id})", label_field)
-            examples.append(Example(record_id, text, label, data.get("language")))
+    for lineno, data in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        text = data.get("text", data.get("content"))
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: no 'text' (or 'content') string field")
+        record_id = str(data.get("id", f"{name}:{lineno}"))
+        label = None
+        if score_field is not None:
+            if not isinstance(data.get(score_field), (int, float)) or isinstance(data.get(score_field), bool):
+                raise ValueError(f"{where} (id {record_id}): no numeric {score_field!r} field")
+            label = int(data[score_field] >= threshold)
+        elif label_field is not None:
+            if label_field not in data:
+                raise ValueError(f"{where} (id {record_id}): no {label_field!r} field; pass --label-field NAME, "
+                                 "or --score-field NAME --threshold X")
+            label = _parse_label(data[label_field], f"{where} (id {record_id})", label_field)
+        examples.append(Example(record_id, text, label, data.get("language")))
     if not examples:
         raise ValueError(f"{path}: no records")
     return examples

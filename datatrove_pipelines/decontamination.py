@@ -23,14 +23,14 @@ writer (the curate CLI collects those rows into ``contamination.jsonl``).
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import re
 from typing import Iterable, Optional
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
+
+from megatron_seed.data.jsonl import iter_jsonl
 
 WORDS = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+")
 ID_FIELDS = ("task_id", "id")
@@ -58,28 +58,23 @@ def parse_spec(spec: str) -> tuple[str, str, Optional[list[str]]]:
 def benchmark_items(spec: str) -> list[dict]:
     """Items of one benchmark: {benchmark, item, exact: [texts], solution: text}."""
     name, path, fields = parse_spec(spec)
-    opener = gzip.open if path.endswith(".gz") else open
     items = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            item_id = next((str(record[k]) for k in ID_FIELDS if k in record), str(number))
-            strings = {k: v for k, v in record.items() if isinstance(v, str) and k not in ID_FIELDS}
-            if fields is not None:
-                missing = [k for k in fields if k not in record]
-                if missing:
-                    raise ValueError(f"{path}:{number}: no field(s) {missing} in {sorted(record)}")
-                chosen = [str(record[k]) for k in fields]
-                solution = "\n".join(chosen)
-            elif name == "humaneval":
-                chosen = list(strings.values())
-                solution = record["canonical_solution"]
-            else:
-                chosen = list(strings.values())
-                solution = max(chosen, key=len, default="")
-            items.append({"benchmark": name, "item": item_id, "exact": chosen, "solution": solution})
+    for number, record in iter_jsonl(path):
+        item_id = next((str(record[k]) for k in ID_FIELDS if k in record), str(number))
+        strings = {k: v for k, v in record.items() if isinstance(v, str) and k not in ID_FIELDS}
+        if fields is not None:
+            missing = [k for k in fields if k not in record]
+            if missing:
+                raise ValueError(f"{path}:{number}: no field(s) {missing} in {sorted(record)}")
+            chosen = [str(record[k]) for k in fields]
+            solution = "\n".join(chosen)
+        elif name == "humaneval":
+            chosen = list(strings.values())
+            solution = record["canonical_solution"]
+        else:
+            chosen = list(strings.values())
+            solution = max(chosen, key=len, default="")
+        items.append({"benchmark": name, "item": item_id, "exact": chosen, "solution": solution})
     return items
 
 

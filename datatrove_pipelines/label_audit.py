@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_seed.data.jsonl import read_jsonl
+
 AUDIT_FILE = "label_audit.json"
 PLOT_FILE = "score_histograms_by_language.png"
 MIN_FOR_CORRELATION = 3  # two points are always perfectly (anti-)correlated
@@ -121,8 +123,7 @@ def held_out_agreement(scorer_dir: Optional[str]) -> dict:
         result["reason"] = (f"no {HELD_OUT_FILE} in the scorer's directory: the scorer was not trained by this "
                             "curation (--scorer), so there are no oracle labels it did not see")
         return result | {"labels": None, "by_language": {}}
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(path)
     result = agreement([r["rating"] for r in rows], [r["predicted"] for r in rows])
     by_language: dict[str, list] = {}
     for r in rows:

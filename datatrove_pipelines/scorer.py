@@ -29,6 +29,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from datatrove_pipelines.task_files import read_task_json, write_task_json
+from megatron_seed.data.jsonl import read_jsonl
 
 
 def _device():
@@ -77,8 +78,7 @@ def train_scorer(labels_file: str, base_model: str, output_dir: str, epochs: int
     import torch
     from transformers import AutoTokenizer, LlamaForSequenceClassification
 
-    with open(labels_file, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(labels_file)
     if len(rows) < 4:
         raise ValueError(f"{labels_file}: {len(rows)} labelled files; the scorer needs at least 4")
     for n, row in enumerate(rows):

