@@ -51,6 +51,10 @@ def test_bad_overrides_name_the_key(override, message):
     ({"parallel.context": 2, "train.objective": "dpo"}, 2, "supports train.objective=pretrain and sft"),
     ({"parallel.context": 2, "model.attention_backend": "megatron"}, 2, "model.attention_backend=megatron"),
     ({"parallel.context": 2, "train.global_batch_size": 2}, 4, "train.global_batch_size \\(2\\) must be divisible"),
+    ({"data.packed_format": "thd", "parallel.context": 2}, 2, "data.packed_format=thd is not supported with parallel.context"),
+    ({"data.packed_format": "thd", "parallel.pipeline": 2, "train.micro_batch_size": 2}, 2,
+     "data.packed_format=thd with parallel.pipeline > 1 needs train.micro_batch_size=1"),
+    ({"data.packed_format": "bshd"}, 1, "data.packed_format must be 'auto', 'mask' or 'thd'"),
 ])
 def test_invalid_configs_fail_with_what_to_change(changes, world, message):
     config = run_preset("tiny")

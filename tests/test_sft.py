@@ -128,6 +128,11 @@ def test_layouts_and_micro_batching_give_the_same_sft_losses(tmp_path):
     run_pretrain(tmp_path / "tp2", *common, "train.micro_batch_size=2", "parallel.tensor=2", nproc=2,
                  module="megatron_seed.sft")
     assert_losses_close(losses(tmp_path / "tp2"), ref, atol=1e-5)
+    # THD (Transformer Engine's packed format, here through SDPA): each micro-batch one row of
+    # sequences delimited by cu_seqlens, with sequence parallelism splitting that row
+    run_pretrain(tmp_path / "thd", *common, "train.micro_batch_size=2", "parallel.tensor=2",
+                 "parallel.sequence_parallel=true", "data.packed_format=thd", nproc=2, module="megatron_seed.sft")
+    assert_losses_close(losses(tmp_path / "thd"), ref, atol=1e-5)
     # context parallelism: each packed row split over 2 ranks, block-diagonal masks from segment ids
     proc = run_pretrain(tmp_path / "cp2", *common, "train.micro_batch_size=2", "parallel.context=2", nproc=2,
                         module="megatron_seed.sft")
@@ -142,3 +147,23 @@ def test_layouts_and_micro_batching_give_the_same_sft_losses(tmp_path):
     mcore_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
     assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 512
+
+
+def test_packed_format_follows_the_attention(monkeypatch):
+    """auto: a mask for our attention, THD for Transformer Engine's (whose causal attention ignores
+    a mask: a mask there would let packed samples see each other, so it is refused)."""
+    import megatron_seed.models.gpt as gpt
+    from megatron_seed.config import ConfigError, run_preset
+    from megatron_seed.training.sft_objective import resolve_packed_format
+
+    run = run_preset("tiny")
+    assert resolve_packed_format(run) == "mask"
+    monkeypatch.setattr(gpt, "resolve_impl", lambda model: "transformer_engine")
+    assert resolve_packed_format(run) == "thd"
+    run.data.packed_format = "mask"
+    with pytest.raises(ConfigError, match="its causal attention ignores the mask"):
+        resolve_packed_format(run)
+    run.data.packed_format, run.parallel.context = "auto", 2
+    with pytest.raises(ConfigError, match=r"thd \(data.packed_format=auto on the Transformer Engine spec\) is not "
+                                          "supported with parallel.context > 1"):
+        resolve_packed_format(run)

@@ -150,12 +150,18 @@ class DataConfig:
     valid: Optional[str] = None
     chat_template: Optional[str] = None  # Jinja text or a .jinja file; default: the tokenizer's own
     packing: bool = True  # whole samples packed best-fit-decreasing into seq_length rows
+    # How the model keeps packed samples apart: "mask" (a block-diagonal causal mask), "thd"
+    # (megatron-core's PackedSeqParams: the micro-batch as one row of sequences delimited by
+    # cu_seqlens, what Transformer Engine's attention takes; it ignores a mask), or "auto" (thd
+    # on the Transformer Engine spec, mask otherwise).
+    packed_format: Literal["auto", "mask", "thd"] = "auto"
     train_on_all_tokens: bool = False  # loss on every token, not only the assistant turns
     overflow: Literal["drop", "truncate"] = "drop"  # samples longer than seq_length
 
     def validate(self, needs_token_data: bool = True) -> None:
         _require(self.seq_length > 0, "data.seq_length must be positive")
         _require(self.overflow in ("drop", "truncate"), "data.overflow must be 'drop' or 'truncate'")
+        _require(self.packed_format in ("auto", "mask", "thd"), "data.packed_format must be 'auto', 'mask' or 'thd'")
         if self.train is not None or not needs_token_data:
             # conversations (their files are checked, with the record at fault, when read), or an
             # objective that makes its own data (RL samples it)
@@ -420,6 +426,8 @@ class RunConfig:
         _require(self.data.seq_length <= m.max_position_embeddings,
                  f"data.seq_length ({self.data.seq_length}) exceeds model.max_position_embeddings "
                  f"({m.max_position_embeddings})")
+        if self.data.packed_format == "thd":
+            self.check_thd_packing()
         if t.objective == "rl":
             r = self.rl
             _require(t.global_batch_size == r.rollouts_per_update(),
@@ -434,6 +442,16 @@ class RunConfig:
                      f"({r.max_new_tokens}) generated tokens")
         # On GPU Transformer Engine's FP8 needs bf16 (checked once the precision is resolved, in
         # megatron_seed.training.build); the CPU emulation works in either precision.
+
+    def check_thd_packing(self, why: str = "") -> None:
+        """What packed rows in THD format need (``why``: how the format was chosen, for the message)."""
+        p, t = self.parallel, self.train
+        _require(p.context == 1,
+                 f"data.packed_format=thd{why} is not supported with parallel.context > 1 (packed rows reach "
+                 "the ring attention as segment ids): use model.transformer_impl=local with data.packed_format=mask")
+        _require(p.pipeline == 1 or t.micro_batch_size == 1,
+                 f"data.packed_format=thd{why} with parallel.pipeline > 1 needs train.micro_batch_size=1 (the "
+                 "micro-batch becomes one row, and pipeline stages exchange tensors of a fixed shape)")
 
     def _validate_context_parallel(self) -> None:
         p, s = self.parallel, self.data.seq_length

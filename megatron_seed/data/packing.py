@@ -173,6 +173,17 @@ def segment_ids_to_cu_seqlens(segment_ids):
     return cu, int((cu[1:] - cu[:-1]).max()) if len(cu) > 1 else 0
 
 
+def packed_seq_params_for(segment_ids):
+    """megatron-core's ``PackedSeqParams`` in THD format for rows of packed sequences, the
+    ``[b, s]`` micro-batch flattened to one ``[1, b * s]`` row: what Transformer Engine's attention
+    (and RoPE, restarted per sequence) needs, since TE's causal attention ignores a dense mask."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu, longest = segment_ids_to_cu_seqlens(segment_ids)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                           max_seqlen_kv=longest)
+
+
 class PackedSFTDataset:
     """Rows of packed samples for one epoch at a time: ``num_rows(epoch)``, ``row(epoch, i)``.
 

@@ -3,7 +3,9 @@
 A drop-in for megatron-core's ``DotProductAttention`` (same constructor and forward signature,
 same [s, b, heads, dim] layout in and [s, b, hidden/tp] out). SDPA picks a fused kernel (flash or
 memory-efficient on GPU, a fused CPU kernel on CPU) and handles GQA without materialising
-repeated keys and values, which megatron-core's unfused path does.
+repeated keys and values, which megatron-core's unfused path does. Packed sequences in THD format
+(megatron-core's ``PackedSeqParams``: [t, heads, dim] with ``cu_seqlens``) get causal attention
+inside each sequence, so the THD data path runs on CPU as it would into Transformer Engine.
 """
 
 from __future__ import annotations
@@ -34,9 +36,16 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention bias")
         mask_type = attn_mask_type or self.attn_mask_type
+        thd = packed_seq_params is not None
+        if thd:
+            if packed_seq_params.qkv_format != "thd" or packed_seq_params.cu_seqlens_q_padded is not None:
+                raise ValueError("SDPAttention takes packed sequences in THD format without padding")
+            # [t, n, d] (megatron-core squeezed the batch of one) -> [1, t, n, d]
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            attention_mask = _thd_mask(packed_seq_params.cu_seqlens_q, query.shape[0])
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         causal = mask_type == AttnMaskType.causal and attention_mask is None
@@ -51,6 +60,21 @@ class SDPAttention(MegatronModule):
                 out = F.scaled_dot_product_attention(q, k, v, **kwargs)
         else:
             out = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        # [b, n, s, d] -> [s, b, n*d]
+        # [b, n, s, d] -> [s, b, n*d] ([t, n*d] for THD, as megatron-core expects it back)
         b, n, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+        return out.squeeze(1) if thd else out
+
+
+def _thd_mask(cu_seqlens, total: int):
+    """[1, 1, t, t] megatron-style mask (True: not allowed) of causal attention inside each of the
+    packed sequences that ``cu_seqlens`` delimits."""
+    import torch
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
+    sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(cu_seqlens.device)
+    if sequence.numel() != total:
+        raise ValueError(f"packed sequences cover {sequence.numel()} tokens, the input has {total}")
+    position = torch.arange(total, device=cu_seqlens.device)
+    allowed = (sequence[:, None] == sequence[None, :]) & (position[:, None] >= position[None, :])
+    return ~allowed[None, None]

@@ -52,9 +52,11 @@ class SFTObjective(Objective):
     sum_keys = ("loss_tokens",)
     loss_normalization = "per_token"
 
-    def __init__(self, datasets: list, micro_batch_size: int, dp_rank: int, dp_size: int, device):
+    def __init__(self, datasets: list, micro_batch_size: int, dp_rank: int, dp_size: int, device,
+                 packed_format: str = "mask"):
         self.datasets = datasets  # [train, valid] PackedSFTDataset or None
         self.micro_batch_size, self.dp_rank, self.dp_size, self.device = micro_batch_size, dp_rank, dp_size, device
+        self.packed_format = packed_format  # "mask" or "thd" (resolve_packed_format)
 
     def data_iterator(self, split: int, consumed_samples: int) -> Optional[Iterator[dict]]:
         dataset = self.datasets[split] if split < len(self.datasets) else None
@@ -67,9 +69,15 @@ class SFTObjective(Objective):
         from megatron_seed.data.packing import attention_mask_for
 
         batch = next(data_iterator)
-        mask = attention_mask_for(batch)
-        output = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"],
-                       loss_mask=batch["loss_mask"])  # see PretrainObjective.forward_step
+        if self.packed_format == "thd":  # the micro-batch as one row of sequences (sft_loss flattens anyway)
+            from megatron_seed.data.packing import packed_seq_params_for
+
+            row = {k: batch[k].reshape(1, -1) for k in ("tokens", "position_ids", "labels", "loss_mask")}
+            output = model(row["tokens"], row["position_ids"], None, labels=row["labels"], loss_mask=row["loss_mask"],
+                           packed_seq_params=packed_seq_params_for(batch["segment_ids"]))
+        else:
+            output = model(batch["tokens"], batch["position_ids"], attention_mask_for(batch), labels=batch["labels"],
+                           loss_mask=batch["loss_mask"])  # see PretrainObjective.forward_step
         return output, partial(sft_loss, batch["loss_mask"], batch["segment_ids"] > 0)
 
 
@@ -144,4 +152,22 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
         if ctx.is_main:
             print(f"[sft] {split}: {data.summary.line()}", flush=True)
         datasets.append(PackedSFTDataset(data, d.seq_length, chat.pad_id, t.seed, packing=d.packing))
-    return SFTObjective(datasets, t.micro_batch_size, ctx.dp_rank, ctx.dp, ctx.device)
+    return SFTObjective(datasets, t.micro_batch_size, ctx.dp_rank, ctx.dp, ctx.device, resolve_packed_format(run))
+
+
+def resolve_packed_format(run) -> str:
+    """data.packed_format, with auto made concrete: Transformer Engine's causal attention ignores
+    an attention mask, so on its spec packed samples are kept apart only by THD's cu_seqlens."""
+    from megatron_seed.config.schema import ConfigError
+    from megatron_seed.models.gpt import resolve_impl
+
+    te = resolve_impl(run.model) == "transformer_engine"
+    chosen = run.data.packed_format
+    if chosen == "auto":
+        chosen = "thd" if te else "mask"
+        if chosen == "thd":
+            run.check_thd_packing(why=" (data.packed_format=auto on the Transformer Engine spec)")
+    if te and chosen == "mask":
+        raise ConfigError("data.packed_format=mask on the Transformer Engine spec: its causal attention ignores the "
+                          "mask, so packed samples would attend to each other; use data.packed_format=thd (or auto)")
+    return chosen
