@@ -356,7 +356,7 @@ def test_prefix_is_read_by_build_sft_data_and_the_sft_objective(tmp_path):
         for k, v in data_options.items():
             setattr(d, k, v)
         run = SimpleNamespace(data=d, train=SimpleNamespace(seed=1, micro_batch_size=1),
-                              model=SimpleNamespace(vocab_size=chat.vocab_size))
+                              model=SimpleNamespace(vocab_size=chat.vocab_size, transformer_impl="local"))
         ctx = SimpleNamespace(rank=0, is_main=False, dp_rank=0, dp=1, device=torch.device("cpu"))
         return build_sft_objective(run, ctx, None)  # no process group: a prefix needs no barrier
 

@@ -138,6 +138,7 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
     if not d.train:
         raise ConfigError("the sft objective needs data.train=FILE (jsonl, jsonl.gz or parquet conversations) or "
                           "data.train=PREFIX (written by tools/preprocess_sft.py)")
+    packed_format = resolve_packed_format(run)  # a config error before any tokenizing
     chat = run_chat_tokenizer(run)
     cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_seed", "sft")
     datasets = []
@@ -152,7 +153,7 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
         if ctx.is_main:
             print(f"[sft] {split}: {data.summary.line()}", flush=True)
         datasets.append(PackedSFTDataset(data, d.seq_length, chat.pad_id, t.seed, packing=d.packing))
-    return SFTObjective(datasets, t.micro_batch_size, ctx.dp_rank, ctx.dp, ctx.device, resolve_packed_format(run))
+    return SFTObjective(datasets, t.micro_batch_size, ctx.dp_rank, ctx.dp, ctx.device, packed_format)
 
 
 def resolve_packed_format(run) -> str:
