@@ -68,13 +68,14 @@ class SDPAttention(MegatronModule):
 
 def _thd_mask(cu_seqlens, total: int):
     """[1, 1, t, t] megatron-style mask (True: not allowed) of causal attention inside each of the
-    packed sequences that ``cu_seqlens`` delimits."""
+    packed sequences that ``cu_seqlens`` delimits: the packed-rows mask of one row whose segment
+    ids number those sequences."""
     import torch
+
+    from megatron_seed.data.packing import segment_ids_to_attention_mask
 
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
     sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(cu_seqlens.device)
     if sequence.numel() != total:
         raise ValueError(f"packed sequences cover {sequence.numel()} tokens, the input has {total}")
-    position = torch.arange(total, device=cu_seqlens.device)
-    allowed = (sequence[:, None] == sequence[None, :]) & (position[:, None] >= position[None, :])
-    return ~allowed[None, None]
+    return segment_ids_to_attention_mask(sequence[None])
