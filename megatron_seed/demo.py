@@ -51,6 +51,8 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_seed.platform.cli import add_check_config, config_ok
+
 
 def log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
@@ -80,11 +82,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rl-steps", type=int, default=2, help="RL steps after DPO (0: none)")
     parser.add_argument("--chat-eval-problems", type=int, default=8, help="HumanEval problems for the chat models")
     parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.steps=50")
+    add_check_config(parser)
     args = parser.parse_args(argv)
     from megatron_seed.demo_posttrain import STARTER
 
     if not 1 <= args.pair_problems <= STARTER:
         parser.error(f"--pair-problems must be between 1 and {STARTER} (the starter problems)")
+    if config_ok(args, parser.prog):
+        return 0
     from megatron_seed.platform.processes import run_cli_in_own_group
 
     code = run_cli_in_own_group("megatron_seed.demo", argv)

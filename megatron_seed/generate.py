@@ -14,6 +14,8 @@ import argparse
 import sys
 import time
 
+from megatron_seed.platform.cli import add_check_config, config_ok
+
 
 
 def main(argv=None) -> int:
@@ -28,7 +30,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 where the hardware runs it natively, fp32 elsewhere")
     p.add_argument("--seed", type=int, default=0)
+    add_check_config(p)
     args = p.parse_args(argv)
+    if config_ok(args, p.prog):
+        return 0
 
     from megatron_seed.convert.checkpoint_io import tokenizer_spec
     from megatron_seed.data.tokenizer import load_tokenizer

@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from megatron_seed.platform.cli import add_check_config, config_ok
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_seed.plan", description=__doc__,
@@ -33,6 +35,7 @@ def main(argv=None) -> int:
                         help="also run two training steps of the layout here (torchrun for several ranks) and "
                              "print planned vs measured bytes")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied last")
+    add_check_config(parser)
     args = parser.parse_intermixed_args(argv)
 
     from megatron_seed.config import ConfigError, load_config
@@ -44,6 +47,8 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if config_ok(args, parser.prog):
+        return 0
     if args.measure:
         from megatron_seed.planning.measure import measure_against_plan
 

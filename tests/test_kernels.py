@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import megatron_seed_kernels as kernels
 
 DTYPES = [torch.float32, torch.bfloat16]
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import configparser
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 
 from helpers import ROOT
 
+# Source folders, and the import names the wheel installs from them (kernels/ holds megatron_seed_kernels).
 PACKAGES = ("megatron_seed", "kernels", "datatrove_pipelines")
+IMPORT_NAMES = {"megatron_seed", "megatron_seed_kernels", "datatrove_pipelines"}
 # Files code opens by path (e.g. the sandbox launcher) must be in the wheel too; no other non-.py
 # file is read at run time today. A new data file used by the code belongs in this list.
 DATA_FILES = ("megatron_seed/sandbox/launcher.py", "megatron_seed/sandbox/zygote.py",
@@ -28,6 +31,7 @@ def _build_wheel(tmp_path: Path) -> Path:
     for name in PACKAGES:
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     shutil.copy(ROOT / "setup.py", src / "setup.py")
+    shutil.copy(ROOT / "pyproject.toml", src / "pyproject.toml")
     out = tmp_path / "dist"
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                            "--no-index", "-q", "-w", str(out), str(src)],
@@ -43,12 +47,20 @@ def test_wheel_holds_every_module_and_the_entry_point(tmp_path):
         names = set(zf.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         entry_text = zf.read(entry_points).decode()
-    sources = {p.relative_to(ROOT).as_posix() for name in PACKAGES for p in (ROOT / name).rglob("*.py")
-               if "__pycache__" not in p.parts}
+    # kernels/megatron_seed_kernels/x.py installs as megatron_seed_kernels/x.py
+    sources = {p.relative_to(ROOT).as_posix().removeprefix("kernels/") for name in PACKAGES
+               for p in (ROOT / name).rglob("*.py") if "__pycache__" not in p.parts}
     assert "megatron_seed/models/gpt.py" in sources  # the tree walk itself found the modules
     missing = sorted(sources - names)
     assert not missing, f"not in the wheel (a directory without __init__.py?): {missing}"
     assert not sorted(set(DATA_FILES) - names)
+    top_level = {n.split("/")[0].removesuffix(".py") for n in names if ".dist-info/" not in n}
+    assert top_level == IMPORT_NAMES, top_level
+    # No import name of the wheel belongs to another installed distribution: "kernels" (Hugging Face's,
+    # which transformers imports) once did, and broke every transformers import from the repository.
+    owners = importlib.metadata.packages_distributions()
+    clashes = {name: owners[name] for name in top_level if set(owners.get(name, [])) - {"megatron-seed"}}
+    assert not clashes, f"the wheel's import names are other distributions' too: {clashes}"
     parser = configparser.ConfigParser()
     parser.read_string(entry_text)
     assert parser["console_scripts"]["megatron-seed-pretrain"] == "megatron_seed.pretrain:main"

@@ -192,7 +192,13 @@ def test_os_system_runs_inside_the_sandbox(box):
 def test_other_languages_and_the_exec_path():
     with Sandbox(max_workers=1, python_fast_path=False) as box:
         assert box.run("print(6 * 7)").stdout == "42\n"
-        assert box.run("import os; print(os.listdir('/tmp'))").stdout == "['sandbox']\n"
+        # /tmp inside holds the run's own directory, plus the top folder of any read-only bind of the
+        # interpreter that lives under /tmp (a virtual environment made there); nothing else of the host.
+        binds = {os.path.relpath(p, "/tmp").split(os.sep)[0] for p in box._readonly_binds
+                 if os.path.commonpath([p, "/tmp"]) == "/tmp"}
+        with tempfile.TemporaryDirectory(dir="/tmp") as host_only:
+            seen = json.loads(box.run("import os, json; print(json.dumps(sorted(os.listdir('/tmp'))))").stdout)
+        assert seen == sorted({"sandbox"} | binds) and os.path.basename(host_only) not in seen
         c = box.run('#include <stdio.h>\nint main(){int x; scanf("%d",&x); printf("%d\\n", x*2); return 0;}',
                     language="c", stdin="21")
         assert (c.status, c.stdout) == ("passed", "42\n")

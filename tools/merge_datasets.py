@@ -15,13 +15,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_seed.data.indexed import merge_datasets
+from megatron_seed.platform.cli import add_check_config, config_ok  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="directories of .bin/.idx pairs or prefixes")
     p.add_argument("--output-prefix", required=True)
+    add_check_config(p)
     args = p.parse_args(argv)
+    if config_ok(args, "tools/merge_datasets.py"):
+        return 0
     prefixes = []
     for item in args.input:
         if os.path.isdir(item):

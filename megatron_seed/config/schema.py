@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Literal, Optional
 
 
@@ -109,7 +110,9 @@ class ParallelConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = 3e-4
-    min_lr: float = 3e-5
+    # The LR the schedule decays to. Unset, it is a tenth of lr (3e-5 at the default lr), so a
+    # fine-tune that only lowers lr (2e-5, 5e-7) never trips the check below; use min_lr_value.
+    min_lr: Optional[float] = None
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -123,9 +126,15 @@ class OptimizerConfig:
     wsd_decay_steps: int = 0
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
 
+    @property
+    def min_lr_value(self) -> float:
+        # The tenth is taken in decimal so that lr=3e-4 gives exactly 3e-5, the old default.
+        return float(Decimal(repr(self.lr)) / 10) if self.min_lr is None else self.min_lr
+
     def validate(self) -> None:
         _require(self.lr >= 0, "optimizer.lr must be >= 0 (0 re-saves weights unchanged, e.g. to re-shard)")
-        _require(0 <= self.min_lr <= self.lr, "optimizer.min_lr must be in [0, optimizer.lr]")
+        _require(self.min_lr is None or 0 <= self.min_lr <= self.lr,
+                 "optimizer.min_lr must be in [0, optimizer.lr] (or unset: optimizer.lr / 10)")
         _require(self.weight_decay >= 0, "optimizer.weight_decay must be >= 0")
         _require(self.clip_grad >= 0, "optimizer.clip_grad must be >= 0 (0 disables clipping)")
         _require(self.schedule in ("cosine", "wsd", "constant", "linear"),

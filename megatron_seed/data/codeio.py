@@ -2,9 +2,8 @@
 
 reasoning-gym (Apache-2.0) ships 3,002 Python tasks, each with a description, an input/output
 specification, a reference solution defining ``main_solution(**inputs)`` and an input generator
-``generate_inputs(rng) -> dict``. Install the package with ``pip install --no-deps reasoning-gym``
-and read the file by path: importing the package needs eleven other packages, the data needs
-none (:func:`default_path` finds the file without importing).
+``generate_inputs(rng) -> dict``. install.sh copies the file out of the pinned wheel
+(megatron_seed.data.assets): importing the package needs eleven other packages, the data needs none.
 
     tasks = load_tasks()                               # list[CodeIOTask], file order
     records = [sft_record(t) for t in tasks[:500]]     # {"messages": [user, assistant]}
@@ -18,13 +17,10 @@ run in the sandbox): see :mod:`megatron_seed.evaluate.problems`.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from typing import Optional
-
-PACKAGE_FILE = os.path.join("data", "codeio.jsonl.gz")
 
 
 @dataclass(frozen=True)
@@ -37,15 +33,10 @@ class CodeIOTask:
 
 
 def default_path() -> str:
-    """The installed reasoning-gym's ``codeio.jsonl.gz``, found without importing the package."""
-    spec = importlib.util.find_spec("reasoning_gym")
-    if spec is None or not spec.origin:
-        raise FileNotFoundError("CodeI/O tasks need the reasoning-gym package: "
-                                "pip install --no-deps reasoning-gym (or pass the path of codeio.jsonl.gz)")
-    path = os.path.join(os.path.dirname(spec.origin), PACKAGE_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing from the installed reasoning-gym")
-    return path
+    """reasoning-gym's ``codeio.jsonl.gz``, installed by install.sh (megatron_seed.data.assets)."""
+    from megatron_seed.data.assets import CODEIO_TASKS, require
+
+    return require(CODEIO_TASKS)
 
 
 _FIELDS = {"task_description": "description", "input_output_spec": "io_spec", "code_sample": "solution",

@@ -43,6 +43,7 @@ from typing import Callable, Optional, Sequence
 from megatron_seed.data.jsonl import read_jsonl
 from megatron_seed.evaluate.judge import Completion, Verdict, judge
 from megatron_seed.evaluate.problems import Problem, ProblemError
+from megatron_seed.platform.cli import add_check_config, config_ok
 
 _SYNTAX = ("SyntaxError", "IndentationError", "TabError")
 REJECTION_RANKS = ("wrong_answer", "malformed", "crashed", "timeout")
@@ -254,7 +255,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="sandbox runs at once")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per judged program")
     p.add_argument("--sandbox-url", default=None, help="delegate runs to a sandbox service (see sandbox/remote.py)")
+    add_check_config(p)
     args = p.parse_args(argv)
+    if config_ok(args, p.prog):
+        return 0
 
     from megatron_seed.evaluate.judge import load_policy, sample_completions
     from megatron_seed.evaluate.problems import HeldOutError, load_training_problems

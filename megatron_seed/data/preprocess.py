@@ -34,6 +34,7 @@ import numpy as np
 from megatron_seed.data import readers
 from megatron_seed.data.fim import encode_with_fim
 from megatron_seed.data.indexed import IndexedWriter, merge_datasets, token_dtype
+from megatron_seed.platform.cli import add_check_config, config_ok
 
 SKIP_REASONS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_key", "not_a_string", "empty_text")
 _TOKENIZER_TYPES = ("Auto", "HuggingFaceTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-records", type=int, default=256, help="records per worker task")
     g.add_argument("--log-interval", type=int, default=1000)
     g.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    add_check_config(p)
     return p
 
 
@@ -370,6 +372,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--fim-rate must be in [0, 1], got {args.fim_rate}")
     if args.workers < 1 or args.partitions < 1:
         raise SystemExit("--workers and --partitions must be at least 1")
+    if config_ok(args, "tools/preprocess_data.py"):
+        return 0
     try:
         run(args)
     except (BadRecord, FileNotFoundError, ValueError) as e:

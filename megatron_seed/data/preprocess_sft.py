@@ -20,6 +20,7 @@ import os
 import sys
 
 from megatron_seed.data.sft_data import OVERFLOW_MODES, SFTDataError, write_sft_prefix
+from megatron_seed.platform.cli import add_check_config, config_ok
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-on-all-tokens", action="store_true",
                    help="loss on every token, not only the assistant turns")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    add_check_config(p)
     return p
 
 
@@ -47,6 +49,8 @@ def main(argv=None) -> int:
     from megatron_seed.data.chat import ChatTemplateError, load_chat_tokenizer
 
     args = build_parser().parse_args(argv)
+    if config_ok(args, "tools/preprocess_sft.py"):
+        return 0
     logging.basicConfig(level=logging.INFO, format="[preprocess_sft] %(message)s", stream=sys.stderr)
     try:
         template = None

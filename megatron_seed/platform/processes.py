@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Optional, Sequence
 
+from megatron_seed.platform.cli import add_check_config, config_ok
+
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 DEFAULT_GRACE = 5.0
 # Set by run_cli_in_own_group in its child's environment: the supervisor's pid. The child removes
@@ -282,10 +284,13 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=None)
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS ...]")
+    add_check_config(parser)
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("no command given")
+    if config_ok(args, parser.prog):
+        return 0
     return supervise(cmd, timeout=args.timeout, grace=args.grace)
 
 

@@ -27,6 +27,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
+from megatron_seed.platform.cli import add_check_config, config_ok
 from megatron_seed.sandbox.languages import LANGUAGES
 from megatron_seed.sandbox.runner import Limits, Sandbox
 
@@ -617,6 +618,7 @@ def main(argv=None) -> int:
         kind = float if name == "wall_seconds" else (parse_size if name.endswith("_bytes") else int)
         p.add_argument(f"--max-{name.replace('_', '-')}", dest=f"max_{name}", type=kind, default=getattr(maxima, name),
                        help="per job (memory 0: no maximum)" if name == "memory_bytes" else "per job")
+    add_check_config(p)
     args = p.parse_args(argv)
     try:
         token = load_token(args.token_file)
@@ -627,6 +629,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"[sandbox] error: {e}", file=sys.stderr)
         return 2
+    if config_ok(args, p.prog):
+        return 0
     config = ServiceConfig(workers=args.workers, queue=args.queue, max_connections=args.max_connections,
                            max_body_bytes=args.max_body_bytes, max_code_bytes=args.max_code_bytes,
                            max_stdin_bytes=args.max_stdin_bytes, max_batch_jobs=args.max_batch_jobs,

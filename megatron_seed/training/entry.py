@@ -9,12 +9,15 @@ import argparse
 import sys
 from typing import Optional
 
+from megatron_seed.platform.cli import add_check_config, config_ok
+
 
 def run_training(argv: Optional[list], prog: str, doc: str, objective: Optional[str] = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML/JSON run config (may name a `preset:`)")
     parser.add_argument("--preset", help="named preset (tiny, llama_100m, smollm2_135m, seed_coder_8b)")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied last")
+    add_check_config(parser)
     args = parser.parse_intermixed_args(argv)
 
     from megatron_seed.config import ConfigError, load_config
@@ -37,6 +40,9 @@ def run_training(argv: Optional[list], prog: str, doc: str, objective: Optional[
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if config_ok(args, prog, f"world size {world.world_size}, "
+                 + (f"{len(stages)} stages" if stages is not None else f"objective {run.train.objective}")):
+        return 0
     from megatron_seed.platform import distributed
     from megatron_seed.training.build import build_pretraining
 

@@ -34,7 +34,7 @@ def build_optimizer(chunks: list, run: RunConfig):
 
     o = run.optimizer
     config = OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr_value, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
         clip_grad=o.clip_grad, bf16=run.train.precision == "bf16",
         params_dtype=chunks[0].config.params_dtype,
@@ -76,7 +76,7 @@ def build_scheduler(optimizer, run: RunConfig):
     decay_steps = max(o.decay_steps or run.train.steps, o.warmup_steps + 1)
     style = {"wsd": "WSD", "cosine": "cosine", "constant": "constant", "linear": "linear"}[o.schedule]
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr_value,
         lr_warmup_steps=o.warmup_steps, lr_decay_steps=decay_steps, lr_decay_style=style,
         start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=decay_steps,
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,

@@ -202,7 +202,7 @@ def describe(stage: Stage) -> str:
                                                               else "") + f", {t.steps} steps"
                   if t.finetune else f"starting{f' from {t.load}' if t.load else ''}, {t.steps} steps"),
     }[stage.action]
-    return (f"{stage.label}: {what} | seq {run.data.seq_length} | lr {o.lr:.3g} -> {o.min_lr:.3g} "
+    return (f"{stage.label}: {what} | seq {run.data.seq_length} | lr {o.lr:.3g} -> {o.min_lr_value:.3g} "
             f"({o.schedule}, warmup {o.warmup_steps}) | rotary_base {run.model.rotary_base:g} | {t.run_dir}")
 
 

@@ -10,7 +10,7 @@ They run compiled on CUDA. On a CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before this package is imported), which the tests use; training on
 a CPU takes the torch path (``model.kernels=auto`` picks it). The model uses them through one place,
 ``megatron_seed.models.kernel_selection``. Importing this package needs ``triton``; the names are
-resolved on first use so that ``import kernels`` itself is cheap.
+resolved on first use so that ``import megatron_seed_kernels`` itself is cheap.
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "linear_cross_entropy": "kernels.fused_linear_cross_entropy",
-    "linear_cross_entropy_per_token": "kernels.fused_linear_cross_entropy",
-    "linear_cross_entropy_reference": "kernels.fused_linear_cross_entropy",
-    "swiglu": "kernels.swiglu_triton",
-    "swiglu_reference": "kernels.swiglu_triton",
-    "rms_norm": "kernels.rms_norm_triton",
-    "rms_norm_reference": "kernels.rms_norm_triton",
-    "apply_rope": "kernels.rope_triton",
-    "apply_rope_reference": "kernels.rope_triton",
+    "linear_cross_entropy": "megatron_seed_kernels.fused_linear_cross_entropy",
+    "linear_cross_entropy_per_token": "megatron_seed_kernels.fused_linear_cross_entropy",
+    "linear_cross_entropy_reference": "megatron_seed_kernels.fused_linear_cross_entropy",
+    "swiglu": "megatron_seed_kernels.swiglu_triton",
+    "swiglu_reference": "megatron_seed_kernels.swiglu_triton",
+    "rms_norm": "megatron_seed_kernels.rms_norm_triton",
+    "rms_norm_reference": "megatron_seed_kernels.rms_norm_triton",
+    "apply_rope": "megatron_seed_kernels.rope_triton",
+    "apply_rope_reference": "megatron_seed_kernels.rope_triton",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -34,5 +34,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+        raise AttributeError(f"module 'megatron_seed_kernels' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -1,15 +1,15 @@
 """Triton kernels (kernels/) vs torch eager, torch.compile and Liger-Kernel; memory of the fused
 linear cross-entropy at Seed-Coder-8B's shapes.
 
-    python bench/kernels.py                       # memory figures on any machine; speed on a GPU
-    python bench/kernels.py --tokens 8192 --hidden 4096 --vocab 155136 --ffn 14336
+    python bench/kernel_bench.py                       # memory figures on any machine; speed on a GPU
+    python bench/kernel_bench.py --tokens 8192 --hidden 4096 --vocab 155136 --ffn 14336
 
 Memory (any machine): the lm-head + loss, forward and backward, of one micro-batch, measured with
 torch's ``MemTracker`` under ``FakeTensorMode`` (every allocation is accounted, nothing is
 computed), so Seed-Coder-8B's shapes need no GPU and no 20 GB of RAM. Three ways to the loss:
 plain torch (bf16 logits, float32 ``F.cross_entropy``), megatron-core-style (bf16 logits and a
 chunked vocab-parallel cross entropy: megatron_seed.models.cross_entropy, the CPU path) and the
-fused kernel (``kernels.linear_cross_entropy``). Fake tensors have no values, so for the fused one
+fused kernel (``megatron_seed_kernels.linear_cross_entropy``). Fake tensors have no values, so for the fused one
 the two Triton launches (which only write into buffers already allocated) are skipped and
 backward takes the branch the mean loss takes. A real run at a small token count checks that the
 fake accounting equals the real one.
@@ -68,7 +68,7 @@ def _megatron_style_loss(h, w, labels):
 
 
 def _fused_loss(h, w, labels):
-    import kernels
+    import megatron_seed_kernels as kernels
 
     return kernels.linear_cross_entropy(h, w, labels)
 
@@ -77,7 +77,7 @@ def _fused_loss(h, w, labels):
 def _fused_kernel_without_launches():
     """Under fake tensors: the Triton launches are skipped (they allocate nothing), and backward
     takes the uniform-gradient branch (the one the mean loss takes)."""
-    import kernels.fused_linear_cross_entropy as flce
+    import megatron_seed_kernels.fused_linear_cross_entropy as flce
 
     class _NoLaunch:
         def __getitem__(self, grid):
@@ -120,7 +120,7 @@ def memory_report(tokens: int, hidden: int, vocab: int, real_check: bool = True)
           "MemTracker under FakeTensorMode")
     paths = [("plain torch (bf16 logits, fp32 F.cross_entropy)", _plain_torch_loss),
              ("megatron-style (bf16 logits, chunked vocab-parallel CE)", _megatron_style_loss),
-             ("fused (kernels.linear_cross_entropy)", _fused_loss)]
+             ("fused (megatron_seed_kernels.linear_cross_entropy)", _fused_loss)]
     peaks = {name: peak_bytes(fn, tokens, hidden, vocab, fake=True) for name, fn in paths}
     fused = peaks[paths[-1][0]]
     for name, peak in peaks.items():
@@ -148,7 +148,7 @@ def _liger():
 
 
 def speed_cases(tokens: int, hidden: int, vocab: int, ffn: int, heads: int, kv_heads: int, head_dim: int):
-    import kernels
+    import megatron_seed_kernels as kernels
 
     dev, bf16 = "cuda", torch.bfloat16
     x = torch.randn(tokens, hidden, device=dev, dtype=bf16, requires_grad=True)
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-real-check", action="store_true",
                    help="without a GPU: skip the real CPU run that checks the fake-tensor accounting (~2 min)")
     args = p.parse_args(argv)
-    print(f"bench/kernels.py | {describe_machine()} | commit {commit()}")
+    print(f"bench/kernel_bench.py | {describe_machine()} | commit {commit()}")
     memory_report(args.tokens, args.hidden, args.vocab, real_check=not args.skip_real_check)
     speed_report(args)
     return 0

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, next_power_of_2, rows_per_program
+from megatron_seed_kernels._common import check_device, next_power_of_2, rows_per_program
 
 
 @triton.jit

@@ -23,7 +23,7 @@ def check_device(*tensors: torch.Tensor) -> None:
         if t.device.type != "cuda" and not interpreting():
             raise RuntimeError(
                 f"Triton kernels need CUDA tensors (got a {t.device.type} tensor); on a CPU they run only "
-                "under TRITON_INTERPRET=1 (set before importing kernels; slow, for tests). Training on CPU "
+                "under TRITON_INTERPRET=1 (set before importing megatron_seed_kernels; slow, for tests). Training on CPU "
                 "uses model.kernels=torch (what model.kernels=auto picks there).")
 
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from kernels._common import check_device, next_power_of_2, rows_per_program
+from megatron_seed_kernels._common import check_device, next_power_of_2, rows_per_program
 
 IGNORE_INDEX = -100
 
