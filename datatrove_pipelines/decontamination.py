@@ -78,10 +78,6 @@ def benchmark_items(spec: str) -> list[dict]:
     return items
 
 
-def benchmark_texts(sources: Iterable[str] = ("humaneval",)) -> list[str]:
-    return [text for spec in sources for item in benchmark_items(spec) for text in item["exact"]]
-
-
 def report_adapter(self, document: Document) -> dict:
     """A contamination report row (an exclusion writer's adapter): which file, which item, how."""
     meta = document.metadata

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from megatron_seed.convert.gguf import smollm2_hf_dir
     from megatron_seed.convert.hf_checkpoint import hf_to_mcore
     from megatron_seed.evaluate.problems import load_human_eval, load_problems_from
-    from megatron_seed.training.checkpointing import latest_checkpoint
+    from megatron_seed.checkpoint.layout import latest_checkpoint
 
     start = time.time()
     out = Path(args.out)

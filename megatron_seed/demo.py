@@ -230,9 +230,10 @@ def commit_samples(out: Path, max_commits: int) -> None:
 def evaluate_on_humaneval(checkpoints: Path, samples_path: Path, n_problems: int) -> int:
     import json
 
-    from megatron_seed.convert.checkpoint_io import tokenizer_spec
+    from megatron_seed.checkpoint.layout import tokenizer_spec
     from megatron_seed.data.tokenizer import load_tokenizer
-    from megatron_seed.evaluate.code import evaluate, load_problems
+    from megatron_seed.evaluate.code import evaluate
+    from megatron_seed.evaluate.problems import load_problems
     from megatron_seed.inference.engine import InferenceModel, generate
     from megatron_seed.sandbox import Sandbox
 

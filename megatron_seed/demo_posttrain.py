@@ -26,7 +26,7 @@ def run(out: Path, args) -> int:
     from megatron_seed.convert.gguf import smollm2_hf_dir
     from megatron_seed.convert.hf_checkpoint import hf_to_mcore
 
-    from megatron_seed.training.checkpointing import latest_checkpoint
+    from megatron_seed.checkpoint.layout import latest_checkpoint
 
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,7 @@ def chat_pass_at_1(checkpoint: Path, results: Path, n_problems: int, problems=No
     """Greedy chat replies of ``checkpoint`` to the first HumanEval problems (or ``problems``),
     judged in the sandbox."""
     from megatron_seed.evaluate.code import evaluate_chat
-    from megatron_seed.evaluate.judge import load_policy
+    from megatron_seed.inference.policy import load_policy
     from megatron_seed.evaluate.problems import load_human_eval
     from megatron_seed.sandbox import Sandbox
 
@@ -143,7 +143,7 @@ def chat_pass_at_1(checkpoint: Path, results: Path, n_problems: int, problems=No
 
 
 def build_pairs(checkpoint: Path, pairs: Path, args, start: float) -> dict:
-    from megatron_seed.data.preference_pairs import main as pairs_main
+    from megatron_seed.evaluate.pairs import main as pairs_main
 
     log(f"10/12 pairs: the SFT model samples {args.pair_samples} replies to each of {args.pair_problems} starter "
         "problems (simple function tasks shipped with the package; their tests run in the sandbox)", start)

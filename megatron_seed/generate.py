@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     if config_ok(args, p.prog):
         return 0
 
-    from megatron_seed.convert.checkpoint_io import tokenizer_spec
+    from megatron_seed.checkpoint.layout import tokenizer_spec
     from megatron_seed.data.tokenizer import load_tokenizer
     from megatron_seed.inference.engine import InferenceModel, generate
 

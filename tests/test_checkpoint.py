@@ -4,7 +4,7 @@ import os
 
 from helpers import assert_losses_close, losses, run_pretrain
 
-from megatron_seed.training.checkpointing import latest_checkpoint
+from megatron_seed.checkpoint.layout import latest_checkpoint
 
 COMMON = ("train.steps=6", "train.precision=fp32")
 

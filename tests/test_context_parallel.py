@@ -39,7 +39,7 @@ def _ring_worker(rank: int, world: int, init_file: str, result_dir: str):
         for name, mine, full in zip("qkv", local, (q, k, v)):
             errors[f"d{name}"] = (mine.grad - split_sequence(full.grad, rank, world, dim=2)).abs().max().item()
         # packed rows (SFT): block-diagonal causal by segment ids, against SDPA with the dense mask
-        from megatron_seed.data.packing import segment_ids_to_attention_mask
+        from megatron_seed.models.masks import segment_ids_to_attention_mask
 
         segments = torch.tensor([[1] * 5 + [2] * 9 + [3] * 7 + [0] * 3, [1] * 13 + [2] * 11])
         for t in (q, k, v):

@@ -46,7 +46,7 @@ def safetensors(folder):
 
 
 def megatron_logits(ckpt, tokens):
-    from megatron_seed.convert.checkpoint_io import load_megatron_model
+    from megatron_seed.checkpoint.reader import load_megatron_model
     from megatron_seed.platform.distributed import single_process
 
     with single_process(), torch.no_grad():

@@ -13,7 +13,8 @@ import torch
 
 from helpers import run_pretrain
 
-from megatron_seed.training.checkpointing import latest_checkpoint, read_train_state
+from megatron_seed.checkpoint.checkpointer import read_train_state
+from megatron_seed.checkpoint.layout import latest_checkpoint
 
 COMMON = ("train.precision=fp32", "optimizer.lr=3e-3", "optimizer.warmup_steps=2")
 
@@ -40,8 +41,8 @@ def test_loading_a_finished_run_without_finetune_stops_naming_the_key(pretrained
 def fresh_forward_loss(ckpt: Path, overrides: tuple) -> float:
     """The masked LM loss of the checkpoint's weights on the run's first global batch, from a
     model loaded in this process (not the trainer)."""
+    from megatron_seed.checkpoint.reader import load_megatron_model
     from megatron_seed.config import load_config
-    from megatron_seed.convert.checkpoint_io import load_megatron_model
     from megatron_seed.data.tokenizer import load_tokenizer
     from megatron_seed.platform.distributed import single_process
     from megatron_seed.training.pretrain_objective import build_pretrain_objective
@@ -97,7 +98,7 @@ def test_bf16_finetune_steps_from_the_loaded_weights_not_the_fresh_init(pretrain
     """bf16 keeps fp32 main params in the optimizer; loaded without the optimizer they must be
     refreshed from the loaded weights. With lr 0 a step leaves the weights as loaded (rounded to
     bf16); a stale copy would put the fresh initialisation (another seed here) back instead."""
-    from megatron_seed.convert.checkpoint_io import load_megatron_model
+    from megatron_seed.checkpoint.reader import load_megatron_model
     from megatron_seed.platform.distributed import single_process
 
     ckpt, out = pretrained / "ckpt", pretrained / "ft_bf16_ckpt"
@@ -112,9 +113,9 @@ def test_bf16_finetune_steps_from_the_loaded_weights_not_the_fresh_init(pretrain
 
 
 def test_finetune_keys_are_validated_and_another_objective_needs_finetune():
+    from megatron_seed.checkpoint.checkpointer import TrainState
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.training.build import check_checkpoint_objective
-    from megatron_seed.training.checkpointing import TrainState
 
     with pytest.raises(ConfigError, match="train.finetune=true needs train.load"):
         load_config(None, ["train.finetune=true"], preset="tiny").validate(1)

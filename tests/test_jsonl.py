@@ -33,7 +33,7 @@ def test_a_missing_file_is_named(tmp_path):
 
 def test_benchmarks_problem_sets_and_labels_use_it(tmp_path):
     from datatrove_pipelines.decontamination import benchmark_items
-    from megatron_seed.evaluate.code import load_problems
+    from megatron_seed.evaluate.problems import load_problems
 
     broken = tmp_path / "bench.jsonl"
     broken.write_text('{"task_id": "t/0", "prompt": "p", "test": "t", "entry_point": "f"}\n{"task_id": \n')

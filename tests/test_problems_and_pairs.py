@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_seed.data import codeio
-from megatron_seed.data.preference_pairs import build_pairs, choose_pairs, main as build_pairs_main
+from megatron_seed.evaluate.pairs import build_pairs, choose_pairs, main as build_pairs_main
 from megatron_seed.evaluate.judge import Completion, Verdict, judge, judge_one, sample_completions
 from megatron_seed.evaluate.problems import (HeldOutError, Problem, codeio_tests, extract_code, human_eval_problem,
                                              load_codeio, load_jsonl, load_training_problems)

@@ -196,8 +196,8 @@ def sync_config(tied: bool) -> ModelConfig:
 def perturb_norms(chunks) -> None:
     """Norm weights away from 1 (init gives ones), the same on every rank that holds a copy: each
     full tensor is drawn from a generator seeded by its key and layer, then sliced."""
+    from megatron_seed.checkpoint.checkpointer import unwrap
     from megatron_seed.models.init import _iter_sharded_tensors
-    from megatron_seed.training.checkpointing import unwrap
 
     for chunk in chunks:
         for sh in _iter_sharded_tensors(unwrap(chunk).sharded_state_dict()):
@@ -228,13 +228,14 @@ class Wrapper(torch.nn.Module):
 def test_gather_in_one_process_equals_the_checkpoint_read_back(tmp_path, tied):
     from megatron.core import dist_checkpointing
 
+    from megatron_seed.checkpoint.layout import iteration_dir, write_model_config
+    from megatron_seed.checkpoint.reader import CheckpointReader
     from megatron_seed.config.schema import ParallelConfig, TrainConfig
-    from megatron_seed.convert.checkpoint_io import CheckpointReader, write_model_config
+    from megatron_seed.convert.hf_checkpoint import iter_hf_tensors
     from megatron_seed.convert.hf_llama import to_hf
     from megatron_seed.inference.weight_sync import gather_hf_weights
     from megatron_seed.models.gpt import build_model_chunks
     from megatron_seed.platform.distributed import single_process
-    from megatron_seed.training.checkpointing import iteration_dir
 
     config = sync_config(tied)
     with single_process():
@@ -246,7 +247,7 @@ def test_gather_in_one_process_equals_the_checkpoint_read_back(tmp_path, tied):
         (tmp_path / "iter_0000000").mkdir()
         dist_checkpointing.save({"model": chunks[0].sharded_state_dict()}, target)
     write_model_config(str(tmp_path), config)
-    want = dict(CheckpointReader(str(tmp_path)).iter_hf_tensors(to_hf))
+    want = dict(iter_hf_tensors(CheckpointReader(str(tmp_path)), to_hf))
     assert sorted(got) == sorted(want) == sorted(wrapped)
     assert all(torch.equal(got[name], wrapped[name]) for name in got)
     assert ("lm_head.weight" in got) == (not tied)

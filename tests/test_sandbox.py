@@ -21,7 +21,8 @@ import time
 import psutil
 import pytest
 
-from megatron_seed.evaluate.code import evaluate, load_problems, pass_at_k
+from megatron_seed.evaluate.code import evaluate, pass_at_k
+from megatron_seed.evaluate.problems import load_problems
 from megatron_seed.sandbox import Limits, Sandbox
 from megatron_seed.sandbox.remote import RemoteSandbox, make_server
 

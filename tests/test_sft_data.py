@@ -15,9 +15,10 @@ import torch
 from megatron_seed.data.chat import (ChatFormatError, ChatTemplateError, conversation_from_record,
                                      load_chat_tokenizer)
 from megatron_seed.data.packing import (PackedSFTDataset, best_fit_decreasing, build_row, collate, plan_epoch,
-                                        segment_ids_to_attention_mask, segment_ids_to_cu_seqlens)
+                                        segment_ids_to_cu_seqlens)
 from megatron_seed.data.sft_data import (SFTData, SFTDataError, SFTPrefixError, build_sft_data, sft_prefix,
                                          write_sft_prefix)
+from megatron_seed.models.masks import segment_ids_to_attention_mask
 
 SYSTEM = {"role": "system", "content": "You are a careful Python programmer."}
 TURNS = [

@@ -39,7 +39,8 @@ def code_prompts(tokenizer, n=3, length=48):
 
 
 def test_our_model_gives_transformers_logits_on_real_code(smollm2, hf_model):
-    from megatron_seed.convert.checkpoint_io import load_megatron_model, tokenizer_spec
+    from megatron_seed.checkpoint.layout import tokenizer_spec
+    from megatron_seed.checkpoint.reader import load_megatron_model
     from megatron_seed.data.tokenizer import load_tokenizer
     from megatron_seed.platform.distributed import single_process
 

@@ -153,8 +153,9 @@ class DataConfig:
     seq_length: int = 128
     mock: bool = False
     cache_dir: Optional[str] = None
-    tokenizer: Optional[str] = None  # tokenizer spec; used for logging samples and generation
-    # Conversations for SFT (and later DPO): jsonl / jsonl.gz / parquet files, a glob or a directory.
+    # Tokenizer spec: logging samples and generation; SFT, DPO and RL render chats with it.
+    tokenizer: Optional[str] = None
+    # Conversations for SFT, preference pairs for DPO: jsonl / jsonl.gz / parquet files, a glob or a directory.
     train: Optional[str] = None
     valid: Optional[str] = None
     chat_template: Optional[str] = None  # Jinja text or a .jinja file; default: the tokenizer's own

@@ -27,13 +27,14 @@ import shutil
 import struct
 import sys
 import time
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_seed.convert import checkpoint_io
+from megatron_seed.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_FILES, copy_tokenizer_files, tokenizer_spec
+from megatron_seed.checkpoint.reader import CheckpointFormatError, CheckpointReader, write_model_checkpoint
 from megatron_seed.convert.hf_llama import (
-    ConversionError, KeyMapping, hf_config_from_model, hf_names, model_config_from_hf, to_hf, to_ours)
+    KEY_MAP, MAPPING_BY_OURS, ConversionError, hf_config_from_model, hf_names, model_config_from_hf, to_hf, to_ours)
 from megatron_seed.platform.cli import add_check_config, config_ok
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -75,6 +76,23 @@ class SafetensorsSource:
         return self._handles[self._where[name]].get_tensor(name)
 
 
+def iter_hf_tensors(reader: CheckpointReader, to_hf: Callable,
+                    meta: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for the whole model of ``reader``'s checkpoint: globals first, then layer
+    by layer. With ``meta`` the same sequence as meta tensors (the layout of an export, before
+    reading anything)."""
+    for mapping in (m for m in KEY_MAP if not m.per_layer):
+        if mapping.ours == "output_layer.weight" and reader.model.tie_embeddings:
+            continue
+        (tensor,) = reader.read([(mapping.ours, None)], meta)
+        yield from zip(hf_names(mapping, None), to_hf(mapping, tensor, reader.model))
+    per_layer = [m for m in KEY_MAP if m.per_layer]
+    for layer in range(reader.model.num_layers):
+        tensors = reader.read([(m.ours, layer) for m in per_layer], meta)
+        for mapping, tensor in zip(per_layer, tensors):
+            yield from zip(hf_names(mapping, layer), to_hf(mapping, tensor, reader.model))
+
+
 def check_layout(model, tp: int, pp: int) -> None:
     problems = []
     if model.num_attention_heads % tp or model.num_query_groups % tp:
@@ -99,22 +117,29 @@ def hf_to_mcore(input_dir: str, output_dir: str, dtype: torch.dtype, tp: int = 1
     source = SafetensorsSource(input_dir)
     tied_in_source = "lm_head.weight" not in source
 
-    def get_tensor(mapping: KeyMapping, layer: Optional[int]) -> torch.Tensor:
+    def get_tensor(key: str, layer: Optional[int]) -> torch.Tensor:
+        mapping = MAPPING_BY_OURS.get(key)
+        if mapping is None:
+            raise ConversionError(f"no conversion rule for our tensor {key!r}")
         names = hf_names(mapping, layer)
         if mapping.ours == "output_layer.weight" and tied_in_source:
             names = ["model.embed_tokens.weight"]  # an untied target initialised from tied weights
         return to_ours(mapping, [source.get(n) for n in names], model)
 
+    def filled(key: str, layer: Optional[int]) -> None:
+        if layer is not None and key == KEY_MAP[-1].ours:
+            log(f"layer {layer + 1}/{model.num_layers}")
+
     t0 = time.time()
     log(f"{input_dir}: Llama, {model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} "
         f"heads / {model.num_query_groups} KV groups, vocab {model.vocab_size}, tied {model.tie_embeddings}")
     with single_process():
-        final = checkpoint_io.write_checkpoint(output_dir, model, get_tensor, dtype, progress=log)
-    tokenizer = checkpoint_io.copy_tokenizer_files(input_dir, output_dir)
-    os.makedirs(os.path.join(output_dir, checkpoint_io.HF_CONFIG_DIR), exist_ok=True)
+        final = write_model_checkpoint(output_dir, model, get_tensor, dtype, filled)
+    tokenizer = copy_tokenizer_files(input_dir, output_dir)
+    os.makedirs(os.path.join(output_dir, HF_CONFIG_DIR), exist_ok=True)
     for name in ("config.json", "generation_config.json"):
         if os.path.exists(os.path.join(input_dir, name)):
-            shutil.copy2(os.path.join(input_dir, name), os.path.join(output_dir, checkpoint_io.HF_CONFIG_DIR, name))
+            shutil.copy2(os.path.join(input_dir, name), os.path.join(output_dir, HF_CONFIG_DIR, name))
     log(f"wrote {final} ({str(dtype).replace('torch.', '')}; loads at any TP/PP, checked for tp={tp} pp={pp})"
         f"{'' if tokenizer else ' without tokenizer files'} in {time.time() - t0:.1f} s")
     return final
@@ -124,11 +149,11 @@ def mcore_to_hf(input_dir: str, output_dir: str, dtype: Optional[torch.dtype] = 
                 max_shard_bytes: int = 2 << 30) -> str:
     t0 = time.time()
     os.makedirs(output_dir, exist_ok=True)
-    reader = checkpoint_io.CheckpointReader(input_dir)
+    reader = CheckpointReader(input_dir)
     model = reader.model
     # The export's layout (names, shapes, dtypes, shard boundaries) comes from metadata alone, so
     # each safetensors file is written front to back while layers are read one at a time.
-    layout = [(name, tuple(t.shape), dtype or t.dtype) for name, t in reader.iter_hf_tensors(to_hf, meta=True)]
+    layout = [(name, tuple(t.shape), dtype or t.dtype) for name, t in iter_hf_tensors(reader, to_hf, meta=True)]
     dtype = layout[0][2]
     shards: list[list[tuple]] = [[]]
     size = 0
@@ -141,7 +166,7 @@ def mcore_to_hf(input_dir: str, output_dir: str, dtype: Optional[torch.dtype] = 
         size += nbytes
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    tensors = reader.iter_hf_tensors(to_hf)
+    tensors = iter_hf_tensors(reader, to_hf)
     for name, shard in zip(names, shards):
         write_safetensors_streaming(os.path.join(output_dir, name), shard, tensors)
     if len(shards) > 1:
@@ -183,18 +208,18 @@ def write_safetensors_streaming(path: str, entries: list[tuple], tensors) -> Non
 
 
 def _write_hf_files(input_dir: str, output_dir: str, model, dtype: torch.dtype) -> None:
-    carried = os.path.join(input_dir, checkpoint_io.HF_CONFIG_DIR)
+    carried = os.path.join(input_dir, HF_CONFIG_DIR)
     base = None
     if os.path.exists(os.path.join(carried, "config.json")):
         with open(os.path.join(carried, "config.json")) as f:
             base = json.load(f)
     tokenizer = None
-    spec = checkpoint_io.tokenizer_spec(input_dir)
+    spec = tokenizer_spec(input_dir)
     if spec and spec != "byte":
         from megatron_seed.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(spec)
-        for name in checkpoint_io.TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(spec, name)):
                 shutil.copy2(os.path.join(spec, name), os.path.join(output_dir, name))
     else:
@@ -248,7 +273,7 @@ def main(argv=None) -> int:
             hf_to_mcore(args.input, args.output, DTYPES[args.dtype], args.tp, args.pp)
         else:
             mcore_to_hf(args.input, args.output, DTYPES.get(args.dtype), int(args.max_shard_size_gb * 2**30))
-    except (ConversionError, FileNotFoundError) as e:
+    except (CheckpointFormatError, FileNotFoundError) as e:  # ConversionError is one
         log(f"error: {e}")
         return 1
     return 0

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_seed.checkpoint.reader import CheckpointFormatError
 from megatron_seed.config.schema import ModelConfig
 
 
-class ConversionError(ValueError):
-    """The checkpoint cannot be converted; the message says why and what is supported."""
+class ConversionError(CheckpointFormatError):
+    """The checkpoint cannot be converted; the message says why and what is supported. (A
+    ValueError, as is its base: ``except CheckpointFormatError`` also catches what the checkpoint
+    reader and writer raise for a missing tensor or a shape mismatch.)"""
 
 
 @dataclass(frozen=True)

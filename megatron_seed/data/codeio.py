@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,12 +81,3 @@ def sft_record(task: CodeIOTask) -> dict:
     """An OpenAI-style ``messages`` record, as ``megatron_seed.sft`` reads it."""
     return {"id": task.task_id, "messages": [{"role": "user", "content": prompt_text(task)},
                                              {"role": "assistant", "content": reply_text(task)}]}
-
-
-def write_sft_jsonl(tasks: list[CodeIOTask], path: str) -> int:
-    """``tasks`` as SFT records, one JSON object per line; returns the count."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for task in tasks:
-            f.write(json.dumps(sft_record(task), ensure_ascii=False) + "\n")
-    return len(tasks)

@@ -126,14 +126,6 @@ class IndexedReader:
         return np.frombuffer(self._bin, self.dtype, int(self.lengths[i]), int(self.pointers[i]))
 
 
-def write_documents(prefix: str, documents: Iterable[list[int]], vocab_size: int, eod: int | None) -> int:
-    """Write token-id documents (each followed by ``eod`` when given); returns the document count."""
-    writer = IndexedWriter(prefix, token_dtype(vocab_size))
-    for ids in documents:
-        writer.add_document(list(ids) + ([eod] if eod is not None else []))
-    return writer.finalize()
-
-
 def merge_datasets(prefixes: list[str], output_prefix: str) -> int:
     """Concatenate indexed datasets made with the same tokenizer; returns the document count."""
     if not prefixes:

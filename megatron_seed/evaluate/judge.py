@@ -1,6 +1,6 @@
 """Sample chat replies to problems with our engine, and judge them in the sandbox.
 
-    model, chat = load_policy(checkpoint="ckpt/")           # or hf="smollm2_hf/"
+    model, chat = load_policy(checkpoint="ckpt/")           # megatron_seed.inference.policy; or hf=...
     completions = sample_completions(model, chat, problems, n=8, max_new_tokens=512)
     with Sandbox(max_workers=2) as box:
         verdicts = judge(problems, completions, box)         # verdicts[i][j]: problem i, sample j
@@ -21,9 +21,10 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 from megatron_seed.evaluate.problems import Problem, program
+from megatron_seed.sandbox.batches import run_in_batches
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning|Iteration))\b")
 
@@ -45,28 +46,6 @@ class Verdict:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def load_policy(checkpoint: Optional[str] = None, hf: Optional[str] = None, tokenizer: Optional[str] = None,
-                chat_template: Optional[str] = None, dtype: str = "auto"):
-    """(InferenceModel, ChatTokenizer) from our checkpoint (its stored tokenizer) or an HF
-    directory; ``tokenizer`` (a load_chat_tokenizer spec) overrides either."""
-    from megatron_seed.data.chat import load_chat_tokenizer
-    from megatron_seed.inference.engine import InferenceModel
-
-    if (checkpoint is None) == (hf is None):
-        raise ValueError("give exactly one of a checkpoint and an HF directory")
-    if checkpoint is not None:
-        from megatron_seed.convert.checkpoint_io import tokenizer_spec
-
-        spec = tokenizer or tokenizer_spec(checkpoint)
-        if spec is None:
-            raise ValueError(f"{checkpoint} holds no tokenizer/ directory: pass a tokenizer")
-        model = InferenceModel.from_checkpoint(checkpoint, dtype)
-    else:
-        spec = tokenizer or hf
-        model = InferenceModel.from_hf(hf, dtype)
-    return model, load_chat_tokenizer(spec, chat_template)
 
 
 def _log(message: str) -> None:
@@ -145,12 +124,11 @@ def judge(problems: Sequence[Problem], completions: Sequence[Sequence[Union[Comp
     marker = "judge-end-" + secrets.token_hex(8)
     flat = [(i, c.text if isinstance(c, Completion) else c) for i, cs in enumerate(completions) for c in cs]
     jobs = [_jobs(problems[i], text, marker, limits) for i, text in flat]
-    results, start = [], time.time()
-    batch = max(sandbox.max_workers * 8, 1)
-    for lo in range(0, len(jobs), batch):
-        results += sandbox.run_many(jobs[lo:lo + batch])
+    results = []
+    for batch in run_in_batches(sandbox, jobs):
+        results += batch.results
         if progress:
-            _log(f"judged {len(results)}/{len(jobs)} programs | {len(results) / (time.time() - start):.1f} programs/s")
+            _log(f"judged {batch.done}/{batch.total} programs | {batch.rate:.1f} programs/s")
     out: list[list[Verdict]] = [[] for _ in problems]
     for (i, _), result in zip(flat, results):
         out[i].append(_verdict(result, marker))

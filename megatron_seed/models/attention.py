@@ -72,7 +72,7 @@ def _thd_mask(cu_seqlens, total: int):
     ids number those sequences."""
     import torch
 
-    from megatron_seed.data.packing import segment_ids_to_attention_mask
+    from megatron_seed.models.masks import segment_ids_to_attention_mask
 
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
     sequence = torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(cu_seqlens.device)

@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_seed.config.schema import ConfigError, ModelConfig, RunConfig
 from megatron_seed.planning.context_parallel import attention_working_bytes
+from megatron_seed.platform import units
 
 GIB = 2**30
 # CUDA context (~0.5 GiB on H100), cuBLAS workspaces and NCCL communicator buffers.
@@ -591,17 +591,13 @@ def suggest(run: RunConfig, world_size: Optional[int], device: str,
 
 # ----------------------------------------------------------------------------- units and text
 
-_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_bytes(text: str) -> int:
-    """``80GiB``, ``80GB`` (10^9), ``80G`` (GiB), ``81920MiB`` or a plain byte count."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"device memory {text!r}: give a size like 80GiB, 80GB or 85899345920")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    """``80GiB``, ``80GB`` (10^9), ``80G`` (GiB), ``81920MiB`` or a plain byte count
+    (megatron_seed.platform.units); a ConfigError naming the device memory otherwise."""
+    try:
+        return units.parse_bytes(text)
+    except ValueError:
+        raise ConfigError(f"device memory {text!r}: give a size like 80GiB, 80GB or 85899345920") from None
 
 
 def gib(n: int) -> str:

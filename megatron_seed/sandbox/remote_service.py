@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import socketserver
 import sys
@@ -27,7 +26,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from megatron_seed.platform.cli import add_check_config, config_ok
+from megatron_seed.platform.units import parse_bytes
 from megatron_seed.sandbox.languages import LANGUAGES
 from megatron_seed.sandbox.runner import Limits, Sandbox
 
@@ -584,78 +583,9 @@ def load_token(token_file: Optional[str]) -> Optional[str]:
 
 
 def parse_size(text: str) -> int:
-    """``4194304``, ``4MiB``, ``4M``, ``512k``, ``1GiB`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4MiB)")
-    return int(m.group(1)) << (10 * "_kmgt".index(m.group(2) or "_"))
-
-
-def main(argv=None) -> int:
-    from megatron_seed.sandbox import remote
-
-    # allow_abbrev=False: "--token SECRET" must be an error, not "--token-file SECRET"
-    p = argparse.ArgumentParser(prog="python -m megatron_seed.sandbox.remote", description=remote.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    p.add_argument("--port", type=int, default=8900)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 2,
-                   help="sandbox runs at once; about the host's cores (default: %(default)s)")
-    p.add_argument("--queue", type=int, default=None, help="requests waiting for a worker (default 4 x workers)")
-    p.add_argument("--max-connections", type=int, default=None, help="open connections (default workers+queue+32)")
-    p.add_argument("--token-file", default=None, help=f"file holding the shared token (else ${TOKEN_ENV})")
-    p.add_argument("--insecure-no-auth", action="store_true",
-                   help="allow serving a non-loopback address without a token")
-    p.add_argument("--max-body-bytes", type=parse_size, default=ServiceConfig.max_body_bytes)
-    p.add_argument("--max-code-bytes", type=parse_size, default=ServiceConfig.max_code_bytes)
-    p.add_argument("--max-stdin-bytes", type=parse_size, default=ServiceConfig.max_stdin_bytes)
-    p.add_argument("--max-batch-jobs", type=int, default=ServiceConfig.max_batch_jobs)
-    p.add_argument("--request-timeout", type=float, default=ServiceConfig.request_timeout,
-                   help="seconds for a request to arrive, and per socket read/write")
-    p.add_argument("--retry-after", type=int, default=ServiceConfig.retry_after, help="seconds, sent with 503")
-    maxima = default_max_limits()
-    for name in LIMIT_FIELDS:  # one flag per Limits field: the most a job may ask for
-        kind = float if name == "wall_seconds" else (parse_size if name.endswith("_bytes") else int)
-        p.add_argument(f"--max-{name.replace('_', '-')}", dest=f"max_{name}", type=kind, default=getattr(maxima, name),
-                       help="per job (memory 0: no maximum)" if name == "memory_bytes" else "per job")
-    add_check_config(p)
-    args = p.parse_args(argv)
+    """``4194304``, ``4MiB``, ``4M``, ``512k``, ``1GiB`` -> bytes (megatron_seed.platform.units; ``4MB``
+    is 10^6 there), as an argparse type."""
     try:
-        token = load_token(args.token_file)
-        max_limits = Limits(**{name: getattr(args, f"max_{name}") for name in LIMIT_FIELDS})
-        if args.workers < 1 or (args.queue is not None and args.queue < 0):
-            raise ValueError("--workers must be >= 1 and --queue >= 0")
-        check_exposure(args.host, token, args.insecure_no_auth)  # before anything starts
-    except (OSError, ValueError) as e:
-        print(f"[sandbox] error: {e}", file=sys.stderr)
-        return 2
-    if config_ok(args, p.prog):
-        return 0
-    config = ServiceConfig(workers=args.workers, queue=args.queue, max_connections=args.max_connections,
-                           max_body_bytes=args.max_body_bytes, max_code_bytes=args.max_code_bytes,
-                           max_stdin_bytes=args.max_stdin_bytes, max_batch_jobs=args.max_batch_jobs,
-                           max_limits=max_limits, request_timeout=args.request_timeout, retry_after=args.retry_after)
-    sandbox = Sandbox(limits=capped(Limits(), max_limits), max_workers=args.workers)
-    try:
-        server = make_server(args.host, args.port, sandbox, token=token, insecure_no_auth=args.insecure_no_auth,
-                             config=config)
-    except (OSError, ValueError) as e:
-        sandbox.close()
-        print(f"[sandbox] error: {e}", file=sys.stderr)
-        return 2
-    # SIGTERM ends serve_forever like Ctrl-C does, so the finally below removes the sandbox's files
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    host = server.server_address[0]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"[sandbox] serving on http://{shown}:{server.server_address[1]}", file=sys.stderr, flush=True)
-    if token is None:
-        print(f"[sandbox] warning: no token ({TOKEN_ENV} or --token-file): anyone who can reach "
-              f"{shown}:{server.server_address[1]} can run code here", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        sandbox.close()
-    return 0
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

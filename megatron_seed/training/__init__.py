@@ -1,1 +1,2 @@
-"""Pretraining: assembly from a config, the training loop, checkpoints, metrics."""
+"""Training: the one loop (trainer), its objectives (pretrain, SFT, DPO, RL), assembly from a config,
+staged runs, metrics."""

@@ -11,12 +11,12 @@ import json
 import os
 from typing import Optional
 
+from megatron_seed.checkpoint.checkpointer import Checkpointer, TrainState, read_train_state
+from megatron_seed.checkpoint.layout import MODEL_CONFIG, copy_tokenizer_files, read_model_config, write_model_config
 from megatron_seed.config.schema import ConfigError, ModelConfig, RunConfig, TrainConfig
-from megatron_seed.convert import checkpoint_io
 from megatron_seed.data.tokenizer import load_tokenizer
 from megatron_seed.models.gpt import build_model_chunks
 from megatron_seed.platform import distributed
-from megatron_seed.training.checkpointing import Checkpointer, TrainState, read_train_state
 from megatron_seed.training.metrics import RunLogger
 from megatron_seed.training.objective import ObjectiveFactory, check_objective, resolve_objective
 from megatron_seed.training.setup import (build_optimizer, build_scheduler, use_fused_cpu_adam,
@@ -73,8 +73,8 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
         if t.save:
             # Checkpoints carry the model config and tokenizer: conversion and generation read
             # them from the checkpoint directory alone.
-            checkpoint_io.write_model_config(t.save, run.model)
-            checkpoint_io.copy_tokenizer_files(run.data.tokenizer or "byte", t.save)
+            write_model_config(t.save, run.model)
+            copy_tokenizer_files(run.data.tokenizer or "byte", t.save)
         logger.info(f"megatron-seed {objective.name}: {run.name} | {run.model.num_parameters() / 1e6:.2f}M params | "
                     f"world {ctx.world_size} (tp {ctx.tp} pp {ctx.pp} dp {ctx.dp}"
                     f"{f' vpp {ctx.vpp}' if ctx.vpp else ''}{f' cp {ctx.cp}' if ctx.cp > 1 else ''}) | {ctx.device} | launcher {ctx.launcher}")
@@ -160,10 +160,10 @@ def check_checkpoint_model(load_dir: str, model: ModelConfig) -> None:
     """A checkpoint whose model differs from the configured one fails here, with the fields to set,
     instead of deep inside megatron-core's loader."""
     root = next((d for d in (load_dir, os.path.dirname(os.path.abspath(load_dir)))
-                 if os.path.exists(os.path.join(d, checkpoint_io.MODEL_CONFIG))), None)
+                 if os.path.exists(os.path.join(d, MODEL_CONFIG))), None)
     if root is None:
         return
-    saved = checkpoint_io.read_model_config(root)
+    saved = read_model_config(root)
     diffs = [f"model.{f}={getattr(saved, f)}" for f in _SHAPE_FIELDS if getattr(saved, f) != getattr(model, f)]
     if diffs:
         raise ConfigError(f"train.load={load_dir} holds a different model; set {' '.join(diffs)} "

@@ -45,7 +45,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from megatron_seed.data.packing import PackedSFTDataset, build_row, segment_ids_to_attention_mask
+from megatron_seed.data.packing import PackedSFTDataset, build_row
+from megatron_seed.models.masks import segment_ids_to_attention_mask
 from megatron_seed.training.objective import TOKENS, Objective
 from megatron_seed.training.sft_objective import _micro_batches, on_rank0_first, run_chat_tokenizer
 
@@ -182,8 +183,8 @@ def build_reference_chunks(run, ctx, ref_load: str) -> list:
     eval mode and without gradients."""
     from megatron.core.transformer.module import Float16Module
 
+    from megatron_seed.checkpoint.checkpointer import Checkpointer
     from megatron_seed.models.gpt import build_model_chunks
-    from megatron_seed.training.checkpointing import Checkpointer
 
     chunks = build_model_chunks(run.model, run.parallel, run.train, run.data.seq_length, run.train.seed)
     Checkpointer(ctx, None).load(ref_load, chunks, None, None, with_optimizer=False, finetune=True)
@@ -258,7 +259,7 @@ def compute_reference_logps(run, ctx, chunks: list, dataset: PackedPairDataset, 
 def resumed_reference(train) -> Optional[str]:
     """When a DPO run resumes from its own checkpoint, the reference stays the one it started with
     (recorded in the objective state), not the checkpoint it resumes from."""
-    from megatron_seed.training.checkpointing import read_train_state
+    from megatron_seed.checkpoint.checkpointer import read_train_state
 
     if not train.load or train.finetune:
         return None
@@ -299,7 +300,7 @@ def build_dpo_objective(run, ctx, tokenizer) -> DPOObjective:
         pair_data.append(data)
         datasets.append(PackedPairDataset(data, d.seq_length, chat.pad_id, t.seed, packing=d.packing))
 
-    from megatron_seed.training.checkpointing import latest_checkpoint
+    from megatron_seed.checkpoint.layout import latest_checkpoint
 
     resolved = latest_checkpoint(ref_load)
     if resolved is None:

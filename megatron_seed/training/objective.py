@@ -122,10 +122,6 @@ OBJECTIVES: dict[str, Union[str, ObjectiveFactory]] = {
 }
 
 
-def register_objective(name: str, factory: Union[str, ObjectiveFactory]) -> None:
-    OBJECTIVES[name] = factory
-
-
 def resolve_objective(spec: str) -> ObjectiveFactory:
     """The factory that ``train.objective`` names: a registered name or ``package.module:function``."""
     from megatron_seed.config.schema import ConfigError

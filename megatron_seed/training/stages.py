@@ -184,7 +184,8 @@ def plan_stages(stages: list[Stage], world_size: int,
 
 def newest_step(save_dir: str) -> Optional[int]:
     """The step of the newest complete checkpoint under ``save_dir``; None if there is none."""
-    from megatron_seed.training.checkpointing import latest_checkpoint, read_train_state
+    from megatron_seed.checkpoint.checkpointer import read_train_state
+    from megatron_seed.checkpoint.layout import latest_checkpoint
 
     if not os.path.isdir(save_dir) or latest_checkpoint(save_dir) is None:
         return None

@@ -19,7 +19,7 @@ import torch
 
 from megatron_seed.config.schema import RunConfig
 from megatron_seed.training import metrics
-from megatron_seed.training.checkpointing import Checkpointer, TrainState
+from megatron_seed.checkpoint.checkpointer import Checkpointer, TrainState
 from megatron_seed.training.objective import TOKENS, Objective, check_objective
 
 

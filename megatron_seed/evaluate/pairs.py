@@ -260,8 +260,9 @@ def main(argv: Optional[list] = None) -> int:
     if config_ok(args, p.prog):
         return 0
 
-    from megatron_seed.evaluate.judge import load_policy, sample_completions
+    from megatron_seed.evaluate.judge import sample_completions
     from megatron_seed.evaluate.problems import HeldOutError, load_training_problems
+    from megatron_seed.inference.policy import load_policy
 
     if args.sandbox_url:
         from megatron_seed.sandbox.remote import RemoteSandbox

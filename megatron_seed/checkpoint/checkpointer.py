@@ -1,14 +1,10 @@
 """Sharded checkpoints with megatron-core dist_checkpointing, saved atomically.
 
-Layout under ``save``::
-
-    iter_0000010/          a complete checkpoint (megatron-core's metadata + shards + common.pt)
-    latest                 text: the name of the newest complete checkpoint
-    iter_0000020.partial/  a save in progress (or killed); never loaded
-
-A save writes to ``iter_N.partial``, then after every rank has finished, rank 0 renames it to
-``iter_N`` and replaces ``latest`` atomically (write-to-temp + fsync + rename). A process killed at
-any point leaves either the old ``latest`` or the new one, each naming a complete directory.
+The directory layout (``iter_N/``, ``latest``, ``iter_N.partial/``) is in ``checkpoint.layout``.
+A save writes to ``iter_N.partial``, then after every rank has finished, rank 0 publishes it
+(``layout.publish``): renames it to ``iter_N`` and replaces ``latest`` atomically (write-to-temp +
+fsync + rename). A process killed at any point leaves either the old ``latest`` or the new one,
+each naming a complete directory.
 
 Model shards carry global tensor keys, so a checkpoint loads at another TP/PP than it was saved
 with.  RNG states
@@ -37,43 +33,7 @@ from typing import Optional
 
 import torch
 
-LATEST = "latest"
-
-
-def iteration_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"iter_{step:07d}")
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint under ``root`` (or ``root`` itself if it is one)."""
-    if os.path.isfile(os.path.join(root, "metadata.json")):
-        return root
-    marker = os.path.join(root, LATEST)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            path = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(path, "metadata.json")):
-            return path
-    complete = sorted(d for d in os.listdir(root) if d.startswith("iter_") and not d.endswith(".partial")
-                      and os.path.isfile(os.path.join(root, d, "metadata.json"))) if os.path.isdir(root) else []
-    return os.path.join(root, complete[-1]) if complete else None
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from megatron_seed.checkpoint.layout import LATEST, iteration_dir, latest_checkpoint, publish
 
 
 @dataclass
@@ -262,11 +222,7 @@ class Checkpointer:
     def _publish(self, partial: str, final: str) -> None:
         if not self.ctx.is_main:
             return
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        _fsync_dir(self.save_dir)
-        _atomic_write(os.path.join(self.save_dir, LATEST), os.path.basename(final) + "\n")
+        publish(partial, final, self.save_dir)
 
     def finalize(self, blocking: bool = True) -> None:
         """Complete pending async saves (publishing them)."""
