@@ -124,7 +124,7 @@ def ours_pair_order(hf_dir: str, path: str, cache: str, seq: int) -> tuple[list[
     plan for the run's seed, from the classes its trainer uses), and our tokenized pairs."""
     from megatron_seed.data.chat import load_chat_tokenizer
     from megatron_seed.data.preference_data import build_pair_data
-    from megatron_seed.training.dpo_objective import PackedPairDataset
+    from megatron_seed.training.objectives.dpo import PackedPairDataset
 
     chat = load_chat_tokenizer(hf_dir)
     data = build_pair_data([path], chat, cache, seq)
@@ -166,7 +166,7 @@ def _ours_common(a: argparse.Namespace, precision: str) -> dict:
 
 
 def _ours_dpo(a: argparse.Namespace, precision: str) -> dict:
-    import megatron_seed.training.dpo_objective as dpo_objective
+    import megatron_seed.training.objectives.dpo as dpo_objective
     from megatron_seed.dpo import main as dpo_main
 
     # The reference pass, timed where the objective calls it (once per split).

@@ -138,7 +138,7 @@ def load_prompts(hf_dir: str) -> tuple[list, list[list[int]]]:
 def ours_problem_order(count: int, prompts: int, steps: int) -> list[list[int]]:
     """The problems (indices) our trainer samples in each step: its pool for the run's seed, with
     no problem retiring (``rl.retire_pass_rate=1``) and no refill round (no dynamic sampling)."""
-    from megatron_seed.training.rl_sampling import ProblemPool
+    from megatron_seed.training.objectives.rl_sampling import ProblemPool
 
     pool = ProblemPool(count, SEED, retire_pass_rate=1.0)
     return [pool.take(prompts) for _ in range(steps)]

@@ -47,14 +47,14 @@ def _ours(preset: str, steps: int, warmup: int, overrides: list, precision: str)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
     from megatron_seed.config import load_config
-    from megatron_seed.training.build import build_pretraining
+    from megatron_seed.training.build import build_run
 
     seq, mbs = SHAPES[preset]
     run = load_config(None, [f"train.steps={steps + warmup}", f"data.seq_length={seq}", "data.mock=true",
                              f"train.micro_batch_size={mbs}", f"train.global_batch_size={mbs}",
                              f"train.precision={precision}", "train.run_dir=/tmp/bench_step_time",
                              "train.tensorboard=false", *overrides], preset=preset)
-    trainer = build_pretraining(run)
+    trainer = build_run(run)
     it = trainer._iterators(0, 0)
     return _time_steps(lambda: trainer.train_step(it), steps, warmup)
 

@@ -8,7 +8,7 @@
 Pairs: jsonl / jsonl.gz / parquet in TRL's format, ``prompt`` (a string or messages), ``chosen`` and
 ``rejected`` (strings or assistant messages), e.g. from ``tools/build_dpo_pairs.py``. Reference
 log-probs are computed once before training and cached beside the data
-(megatron_seed.training.dpo_objective).
+(megatron_seed.training.objectives.dpo).
 """
 
 from __future__ import annotations

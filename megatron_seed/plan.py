@@ -40,10 +40,12 @@ def main(argv=None) -> int:
 
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.planning.memory import format_plan, parse_bytes, plan_memory
+    from megatron_seed.training.objective import CONFIG_CHECKS
 
     try:
         run = load_config(args.config, args.overrides, preset=args.preset)
-        plan = plan_memory(run, args.world_size, args.device, parse_bytes(args.device_memory))
+        plan = plan_memory(run, args.world_size, args.device, parse_bytes(args.device_memory),
+                           objective=CONFIG_CHECKS)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ refused (held out). ``train.global_batch_size`` must equal the rollouts of one u
 ``rl.prompts_per_step x rl.group_size / rl.updates_per_batch``. Each rollout batch: weights synced
 in memory into the rollout engine, rollouts sampled, scored by unit tests in the sandbox, groups
 selected (dynamic sampling, curriculum), advantages, then the updates
-(megatron_seed.training.rl_objective). metrics.jsonl gets reward_mean, pass_rate, groups_kept,
+(megatron_seed.training.objectives.rl). metrics.jsonl gets reward_mean, pass_rate, groups_kept,
 clip_frac, entropy, logprob_diff and the phase timings per step.
 """
 

@@ -7,7 +7,7 @@
 Records: jsonl / jsonl.gz / parquet with OpenAI-style ``messages`` or ``prompt`` + ``completion``,
 rendered with the tokenizer's chat template (``data.tokenizer``; ``data.chat_template`` overrides
 it), loss on each assistant turn's content and end-of-turn token, packed whole into
-``data.seq_length`` rows that samples never attend across (megatron_seed.training.sft_objective).
+``data.seq_length`` rows that samples never attend across (megatron_seed.training.objectives.sft).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Deterministic reward functions for RL tests (``rl.reward=tests.rl_test_rewards:NAME``): a random
 tiny model never passes unit tests, so the tests score its replies by their text instead."""
 
-from megatron_seed.training.rl_rewards import RewardResult
+from megatron_seed.training.objectives.rl_rewards import RewardResult
 
 
 def even_length(problems, texts, sandbox, rl):

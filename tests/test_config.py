@@ -3,6 +3,7 @@ import pytest
 from helpers import run_pretrain
 
 from megatron_seed.config import ConfigError, load_config, run_preset
+from megatron_seed.training.objective import CONFIG_CHECKS
 
 
 def test_overrides_are_typed():
@@ -62,7 +63,7 @@ def test_invalid_configs_fail_with_what_to_change(changes, world, message):
         section, name = key.split(".")
         setattr(getattr(config, section), name, value)
     with pytest.raises(ConfigError, match=message):
-        config.validate(world)
+        config.validate(world, CONFIG_CHECKS)
 
 
 def test_dpo_and_ref_sections_default_and_override(tmp_path):

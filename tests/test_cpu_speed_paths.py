@@ -68,11 +68,11 @@ def test_fused_cpu_adam_is_selected_and_matches_torch_foreach(tmp_path):
     # into the other tests of this session.
     probe = textwrap.dedent(f"""
         from megatron_seed.config import load_config
-        from megatron_seed.training.build import build_pretraining
-        from megatron_seed.training.setup import _torch_optimizers
+        from megatron_seed.training.build import build_run
+        from megatron_seed.training.optimizer_setup import _torch_optimizers
         run = load_config(None, ["train.steps=1", "data.mock=true", "train.run_dir={tmp_path}",
                                  "train.tensorboard=false", "train.precision=bf16"], preset="tiny")
-        trainer = build_pretraining(run)
+        trainer = build_run(run)
         groups = [g for o in _torch_optimizers(trainer.optimizer) for g in o.param_groups]
         print("GROUPS", len(groups), all(g["fused"] and not g["foreach"] for g in groups))
     """)
@@ -90,7 +90,7 @@ def test_fused_cpu_adam_is_selected_and_matches_torch_foreach(tmp_path):
     params = [torch.randn(n, requires_grad=True) for n in (1000, 77, 4096)]
     twins = [p.detach().clone().requires_grad_(True) for p in params]
     fused = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=True)
-    from megatron_seed.training.setup import use_fused_cpu_adam
+    from megatron_seed.training.optimizer_setup import use_fused_cpu_adam
 
     class Wrapped:  # the shape of a megatron optimizer: the torch one under .optimizer
         optimizer = fused

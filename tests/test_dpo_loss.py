@@ -16,7 +16,7 @@ import torch
 from trl.trainer.dpo_trainer import DPOTrainer
 
 from megatron_seed.config.schema import DPO_LOSS_TYPES, DPOConfig
-from megatron_seed.training.dpo_loss import LOSS_TYPES, METRIC_KEYS, dpo_losses, dpo_metrics, sft_term
+from megatron_seed.training.objectives.dpo_loss import LOSS_TYPES, METRIC_KEYS, dpo_losses, dpo_metrics, sft_term
 
 TOL = dict(rtol=0, atol=1e-10)
 # The order in which TRL 1.16 passes the per-pair metric tensors to accelerator.gather.

@@ -45,7 +45,7 @@ def fresh_forward_loss(ckpt: Path, overrides: tuple) -> float:
     from megatron_seed.config import load_config
     from megatron_seed.data.tokenizer import load_tokenizer
     from megatron_seed.platform.distributed import single_process
-    from megatron_seed.training.pretrain_objective import build_pretrain_objective
+    from megatron_seed.training.objectives.pretrain import build_pretrain_objective
 
     run = load_config(None, [*overrides, "train.micro_batch_size=4", "train.global_batch_size=4"], preset="tiny")
     ctx = SimpleNamespace(dp_rank=0, dp=1, device=torch.device("cpu"))

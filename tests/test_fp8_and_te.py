@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_seed.config.schema import ModelConfig, ParallelConfig, TrainConfig
-from megatron_seed.models import fp8, gpt
+from megatron_seed.models import fp8, gpt, optimize
 
 from helpers import assert_losses_close, losses, run_pretrain
 
@@ -79,13 +79,13 @@ def test_transformer_engine_selection_and_fp8_recipe_in_the_config(monkeypatch):
     assert gpt.resolve_impl(model) == "local"  # no CUDA/TE here
     with pytest.raises(RuntimeError, match="Transformer Engine is not usable"):
         gpt.resolve_impl(ModelConfig(transformer_impl="transformer_engine"))
-    monkeypatch.setattr(gpt, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(optimize, "transformer_engine_available", lambda: True)
     assert gpt.resolve_impl(model) == "transformer_engine"
     config = gpt.build_transformer_config(model, ParallelConfig(), TrainConfig(precision="bf16", fp8="hybrid"))
     assert (config.fp8, config.fp8_recipe, config.fp8_margin, config.fp8_amax_history_len,
             config.fp8_amax_compute_algo) == ("hybrid", "delayed", 0, 1, "most_recent")
     assert config.masked_softmax_fusion
-    monkeypatch.setattr(gpt, "transformer_engine_available", lambda: False)
+    monkeypatch.setattr(optimize, "transformer_engine_available", lambda: False)
     local = gpt.build_transformer_config(model, ParallelConfig(), TrainConfig(precision="bf16", fp8="hybrid"))
     assert local.fp8 is None  # the local path gets the emulation instead of TE's FP8
 

@@ -24,6 +24,17 @@ def test_a_changed_upstream_function_is_reported(monkeypatch):
     assert len(problems) == 1 and "source changed upstream" in problems[0]
 
 
+def test_replaced_rng_helpers_are_pinned_and_stay_checkable_once_replaced(monkeypatch):
+    keys = [f"{r.module}.{r.qualname}" for r in megatron_cpu.REPLACEMENTS]
+    assert keys and set(keys) <= set(megatron_cpu.PATCH_HASHES)
+    megatron_cpu.apply()
+    megatron_cpu.apply()  # idempotent: the hash check still reads upstream's functions, not ours
+    assert megatron_cpu.check_patch_targets() == []
+    monkeypatch.setitem(megatron_cpu.PATCH_HASHES, keys[0], "0" * 64)
+    problems = megatron_cpu.check_patch_targets()
+    assert len(problems) == 1 and problems[0].startswith(f"{keys[0]}: source changed upstream")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the layer does nothing when CUDA exists")
 def test_shim_is_scoped_to_megatron_core():
     assert megatron_cpu.apply() is True

@@ -23,7 +23,7 @@ import torch
 from helpers import ROOT, pretrain_cmd, run_cli, subprocess_env
 
 from megatron_seed.training.objective import Objective
-from megatron_seed.training.pretrain_objective import PretrainObjective, build_pretrain_objective, lm_loss
+from megatron_seed.training.objectives.pretrain import PretrainObjective, build_pretrain_objective, lm_loss
 
 STEPS = 3
 COMMON = (f"train.steps={STEPS}", "train.precision=fp32", "train.global_batch_size=4", "optimizer.lr=3e-3")

@@ -17,8 +17,8 @@ import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from megatron_seed.training.rl_loss import (LOSS_TYPES, group_advantages, policy_loss, reduce_loss,
-                                            truncated_is_weights)
+from megatron_seed.training.objectives.rl_loss import (LOSS_TYPES, group_advantages, policy_loss, reduce_loss,
+                                                       truncated_is_weights)
 
 TOL = dict(rtol=0, atol=1e-10)
 MAX_NEW = 16  # TRL's max_completion_length; longer than any completion below, as in TRL
@@ -282,7 +282,7 @@ def tensor_parallel_of_one(tmp_path):
 def test_token_logps_and_entropy_at_chosen_positions_equal_plain_torch(tensor_parallel_of_one):
     """The trainer's log-probs (and their gradient) and entropies, computed only where the loss needs
     them, equal a plain float64 log_softmax over the whole tensor there; elsewhere they are 0."""
-    from megatron_seed.training.rl_objective import token_logps_and_entropy
+    from megatron_seed.training.objectives.rl import token_logps_and_entropy
 
     g = torch.Generator().manual_seed(0)
     b, s, v, temperature = 2, 37, 301, 0.6

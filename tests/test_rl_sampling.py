@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_seed.training.rl_rewards import format_ok
-from megatron_seed.training.rl_sampling import (DROP_ALL_EQUAL, DROP_SOLVED_FORMAT, Group, PoolExhausted,
-                                                ProblemPool, overlong_reward, select_groups)
+from megatron_seed.training.objectives.rl_rewards import format_ok
+from megatron_seed.training.objectives.rl_sampling import (DROP_ALL_EQUAL, DROP_SOLVED_FORMAT, Group, PoolExhausted,
+                                                           ProblemPool, overlong_reward, select_groups)
 
 
 def group(problem, rewards, passed=None, format_ok_=None):

@@ -154,7 +154,7 @@ def test_packed_format_follows_the_attention(monkeypatch):
     a mask: a mask there would let packed samples see each other, so it is refused)."""
     import megatron_seed.models.gpt as gpt
     from megatron_seed.config import ConfigError, run_preset
-    from megatron_seed.training.sft_objective import resolve_packed_format
+    from megatron_seed.training.objectives.sft import resolve_packed_format
 
     run = run_preset("tiny")
     assert resolve_packed_format(run) == "mask"

@@ -344,7 +344,7 @@ def test_prefix_is_read_by_build_sft_data_and_the_sft_objective(tmp_path):
     from types import SimpleNamespace
 
     from megatron_seed.config.schema import ConfigError, DataConfig
-    from megatron_seed.training.sft_objective import build_sft_objective
+    from megatron_seed.training.objectives.sft import build_sft_objective
 
     prefix = make_prefix(tmp_path)
     assert sft_prefix(prefix) == prefix and sft_prefix(str(tmp_path / "a.jsonl")) is None

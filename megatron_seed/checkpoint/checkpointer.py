@@ -151,36 +151,35 @@ def _bind_save_helpers_to_this_process() -> None:
     * The spawned Manager: megatron-core creates it lazily in ``_get_write_results_queue`` only
       while the module global ``filesystem_async._results_queue`` is None, with no way to pass an
       initializer. We fill that global first with a queue from a Manager we start with
-      ``die_with_parent`` as its initializer: the one place megatron-core is influenced, by an
-      attribute it already caches, not by replacing its code. Checked against megatron-core 0.16.
+      ``die_with_parent`` as its initializer, by an attribute megatron-core already caches, not by
+      replacing its code: the patch ``checkpoint_results_queue`` of
+      megatron_seed.platform.megatron_patches, which pins and hash-checks it.
     """
-    global _results_manager
+    from megatron_seed.platform.megatron_patches import fill_checkpoint_results_queue
     from megatron_seed.platform.processes import die_with_parent, forked_children_die_with_this_process
 
     forked_children_die_with_this_process()
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if not hasattr(filesystem_async, "_results_queue"):
-        import warnings
-
-        warnings.warn("megatron-core no longer has filesystem_async._results_queue: its checkpoint Manager "
-                      "process will not die with the trainer (see _bind_save_helpers_to_this_process)")
-        return
     import threading
 
     # PDEATHSIG fires when the *thread* that started the Manager ends: only bind one started from
     # the main thread (the trainer saves from there), which lives as long as the process.
-    if filesystem_async._results_queue is not None or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return
-    import signal
-    from multiprocessing.managers import SyncManager
 
-    from torch import multiprocessing as mp
+    def manager_queue():
+        global _results_manager
+        import signal
+        from multiprocessing.managers import SyncManager
 
-    manager = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron-core itself uses
-    manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
-    _results_manager = manager
-    filesystem_async._results_queue = manager.Queue()
+        from torch import multiprocessing as mp
+
+        manager = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron-core itself uses
+        manager.start(initializer=die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
+        _results_manager = manager
+        return manager.Queue()
+
+    # Only while megatron-core has no queue yet (the patch calls manager_queue only then).
+    fill_checkpoint_results_queue(manager_queue)
 
 
 class Checkpointer:

@@ -10,11 +10,29 @@ import math
 import os
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message says which key to change."""
+
+
+class ObjectiveChecks(Protocol):
+    """What :meth:`RunConfig.validate` asks of the objective that ``train.objective`` names. Each
+    objective declares its needs (megatron_seed.training.objective.Objective.needs and
+    check_config); the config sits below training and cannot look them up, so whoever validates a
+    run for training passes the answers in (megatron_seed.training.objective.CONFIG_CHECKS).
+    Without them, validate checks the layout and token data only."""
+
+    def uses_token_data(self, run: "RunConfig") -> bool:
+        """Whether the run's token data (data.blend or data.mock) is checked; False: the objective
+        makes its own data."""
+
+    def check_context_parallel(self, run: "RunConfig") -> None:
+        """A ConfigError unless the objective's loss can be split with the sequence (parallel.context > 1)."""
+
+    def check(self, run: "RunConfig") -> None:
+        """The objective's own checks of the run, after the layout's."""
 
 
 def _require(cond: bool, message: str) -> None:
@@ -174,7 +192,7 @@ class DataConfig:
         _require(self.packed_format in ("auto", "mask", "thd"), "data.packed_format must be 'auto', 'mask' or 'thd'")
         if self.train is not None or not needs_token_data:
             # conversations (their files are checked, with the record at fault, when read), or an
-            # objective that makes its own data (RL samples it)
+            # objective that makes its own data (its ObjectiveNeeds.token_data is False)
             return
         _require(self.mock or bool(self.blend),
                  "data.blend is empty: give data.blend=[PREFIX] (files PREFIX.bin/.idx, e.g. from "
@@ -266,13 +284,13 @@ class TrainConfig:
                  "restores the optimizer anyway)")
 
 
-# The loss types of megatron_seed.training.dpo_loss (kept here so the config imports no torch).
+# The loss types of megatron_seed.training.objectives.dpo_loss (kept here so the config imports no torch).
 DPO_LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
 
 
 @dataclass
 class DPOConfig:
-    """Direct preference optimization (formulas: megatron_seed.training.dpo_loss)."""
+    """Direct preference optimization (formulas: megatron_seed.training.objectives.dpo_loss)."""
 
     # Strength of the pull towards the reference; for loss_type=ipo the paper's tau.
     beta: float = 0.1
@@ -316,7 +334,7 @@ RL_FORMATS = ("none", "code_block", "think")
 @dataclass
 class RLConfig:
     """Reinforcement learning from unit-test rewards: GRPO with DAPO's recipe (formulas:
-    megatron_seed.training.rl_loss; the rollout phase: megatron_seed.training.rl_objective)."""
+    megatron_seed.training.objectives.rl_loss; the rollout phase: megatron_seed.training.objectives.rl)."""
 
     # Problems to train on: starter, codeio[:N] or a jsonl of {prompt, tests} / human-eval rows
     # (HumanEval itself is refused: it stays held out).
@@ -349,7 +367,7 @@ class RLConfig:
     format: Literal["none", "code_block", "think"] = "code_block"
     format_reward: float = 0.0  # the reward of a reply with a format error (tests not counted)
     # Reward function, "package.module:function" (see rl_rewards.RewardFn).
-    reward: str = "megatron_seed.training.rl_rewards:unit_test_reward"
+    reward: str = "megatron_seed.training.objectives.rl_rewards:unit_test_reward"
     test_timeout: float = 5.0  # seconds per program in the sandbox
     sandbox_workers: int = 2
     engine: Literal["local", "vllm"] = "local"
@@ -398,10 +416,12 @@ class RunConfig:
     ref: RefConfig = field(default_factory=RefConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 
-    def validate(self, world_size: int) -> None:
+    def validate(self, world_size: int, objective: Optional[ObjectiveChecks] = None) -> None:
+        """Every section, then how they fit ``world_size`` ranks; with ``objective`` (the training
+        layer's CONFIG_CHECKS) also what the objective ``train.objective`` names declares."""
         for part in (self.model, self.parallel, self.optimizer, self.train, self.dpo, self.ref, self.rl):
             part.validate()
-        self.data.validate(needs_token_data=self.train.objective != "rl")
+        self.data.validate(needs_token_data=objective is None or objective.uses_token_data(self))
         m, p, t = self.model, self.parallel, self.train
         mp = p.tensor * p.pipeline * p.context
         _require(world_size % mp == 0,
@@ -410,7 +430,7 @@ class RunConfig:
                  "processes or change them")
         dp = world_size // mp
         if p.context > 1:
-            self._validate_context_parallel()
+            self._validate_context_parallel(objective)
         _require(m.num_attention_heads % p.tensor == 0,
                  f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
                  f"parallel.tensor ({p.tensor})")
@@ -438,18 +458,8 @@ class RunConfig:
                  f"({m.max_position_embeddings})")
         if self.data.packed_format == "thd":
             self.check_thd_packing()
-        if t.objective == "rl":
-            r = self.rl
-            _require(t.global_batch_size == r.rollouts_per_update(),
-                     f"train.global_batch_size ({t.global_batch_size}) must equal the rollouts of one update, "
-                     f"rl.prompts_per_step x rl.group_size / rl.updates_per_batch = {r.rollouts_per_update()}: "
-                     f"set train.global_batch_size={r.rollouts_per_update()}")
-            _require(not p.overlap_param_gather,
-                     "the rl objective needs parallel.overlap_param_gather=false: the rollout engine reads the "
-                     "parameters right after the optimizer step, before an overlapped all-gather would fill them")
-            _require(self.data.seq_length > r.max_new_tokens,
-                     f"data.seq_length ({self.data.seq_length}) must hold a prompt and rl.max_new_tokens "
-                     f"({r.max_new_tokens}) generated tokens")
+        if objective is not None:
+            objective.check(self)
         # On GPU Transformer Engine's FP8 needs bf16 (checked once the precision is resolved, in
         # megatron_seed.training.build); the CPU emulation works in either precision.
 
@@ -463,7 +473,7 @@ class RunConfig:
                  f"data.packed_format=thd{why} with parallel.pipeline > 1 needs train.micro_batch_size=1 (the "
                  "micro-batch becomes one row, and pipeline stages exchange tensors of a fixed shape)")
 
-    def _validate_context_parallel(self) -> None:
+    def _validate_context_parallel(self, objective: Optional[ObjectiveChecks]) -> None:
         p, s = self.parallel, self.data.seq_length
         _require(s % (2 * p.context) == 0,
                  f"parallel.context={p.context} cuts each sequence into {2 * p.context} chunks: "
@@ -471,11 +481,8 @@ class RunConfig:
         _require(not p.sequence_parallel or (s // p.context) % p.tensor == 0,
                  f"parallel.context={p.context} with parallel.sequence_parallel needs data.seq_length / "
                  f"parallel.context ({s // p.context}) divisible by parallel.tensor ({p.tensor})")
-        # Token-level losses split with the sequence. DPO and RL sum log-probabilities per
-        # sequence (a pair's or a rollout's), which would need a sum across the group first.
-        _require(self.train.objective in ("pretrain", "sft"),
-                 f"parallel.context={p.context} supports train.objective=pretrain and sft (got "
-                 f"{self.train.objective!r}: its loss sums log-probabilities per sequence); set parallel.context=1")
+        if objective is not None:  # whether its loss splits with the sequence (ObjectiveNeeds.context_parallel)
+            objective.check_context_parallel(self)
         _require(self.model.attention_backend == "sdpa",
                  "parallel.context > 1 replaces the core attention; model.attention_backend=megatron "
                  "(megatron-core's DotProductAttention) has no context parallelism: use sdpa")

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_seed.config.schema import DataConfig
+from megatron_seed.platform.megatron_patches import disable_gpt_dataset_mask_cache
 
 
 @dataclass
@@ -62,8 +63,7 @@ def _disable_mask_cache(dataset) -> None:
         return
     for child in getattr(dataset, "datasets", ()):
         _disable_mask_cache(child)
-    if hasattr(dataset, "masks_and_position_ids_are_cacheable"):
-        dataset.masks_and_position_ids_are_cacheable = False
+    disable_gpt_dataset_mask_cache(dataset)  # pinned and checked, as every change to megatron-core
 
 
 def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,

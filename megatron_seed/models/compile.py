@@ -28,15 +28,11 @@ def compile_rotary_embedding() -> None:
     _apply_rotary_pos_emb_bshd``: cos/sin, two muls, a rotate-half cat and neg, an add, a cat),
     called by name from its attention. Replacing that name with its compiled self is the only way
     to fuse it without copying megatron-core's attention; it is process-wide and idempotent, and
-    the compiled function computes the same expression."""
-    from megatron.core.models.common.embeddings import rope_utils
+    the compiled function computes the same expression. The swap is the pinned, hash-checked
+    patch ``compiled_rope_bshd`` of megatron_seed.platform.megatron_patches."""
+    from megatron_seed.platform.megatron_patches import compile_rope_bshd
 
-    current = rope_utils._apply_rotary_pos_emb_bshd
-    if getattr(current, "__megatron_seed_compiled__", False):
-        return
-    compiled = torch.compile(current, dynamic=False)
-    compiled.__megatron_seed_compiled__ = True
-    rope_utils._apply_rotary_pos_emb_bshd = compiled
+    compile_rope_bshd()
 
 
 def match_aten_vector_width() -> None:

@@ -220,8 +220,11 @@ def _sharded_state_dict(module, emulation: Fp8LinearEmulation, prefix="", sharde
 
 def enable_fp8_emulation(chunks: list, recipe: Optional[Fp8Recipe] = None) -> int:
     """Emulate FP8 in every megatron-core Column/RowParallelLinear of the model chunks (the
-    output layer stays in high precision, as with TE). Returns the number of layers changed."""
+    output layer stays in high precision, as with TE). Returns the number of layers changed
+    (0 when every layer was emulated already)."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_seed.platform.megatron_patches import replace_linear_forward_impl
 
     recipe = recipe or Fp8Recipe()
     recipe.validate()
@@ -229,15 +232,12 @@ def enable_fp8_emulation(chunks: list, recipe: Optional[Fp8Recipe] = None) -> in
     for chunk in chunks:
         for name, module in chunk.named_modules():
             if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and not name.endswith("output_layer"):
-                # torch writes/reads ``_extra_state`` only for classes that define the hooks; the
-                # instance attributes below take effect through them.
-                if type(module).get_extra_state is torch.nn.Module.get_extra_state:
-                    raise RuntimeError(f"{type(module).__qualname__} ({name}) has no extra-state hooks: the "
-                                       "FP8 amax histories would be missing from checkpoints")
+                # The pinned, hash-checked patch ``fp8_linear_forward`` installs the emulation on
+                # this instance (megatron_seed.platform.megatron_patches); a layer already emulated
+                # is left as it is, so applying this twice changes nothing.
                 emulation = Fp8LinearEmulation(module, recipe)
-                module._forward_impl = emulation
-                module.get_extra_state = emulation.get_extra_state
-                module.set_extra_state = emulation.set_extra_state
-                module.sharded_state_dict = functools.partial(_sharded_state_dict, module, emulation)
-                count += 1
+                count += replace_linear_forward_impl(
+                    module, emulation, get_extra_state=emulation.get_extra_state,
+                    set_extra_state=emulation.set_extra_state,
+                    sharded_state_dict=functools.partial(_sharded_state_dict, module, emulation), name=name)
     return count

@@ -7,10 +7,12 @@ this module only translates our :class:`ModelConfig` into those two and picks th
 * megatron-core local spec otherwise, with core attention swapped for :class:`SDPAttention`.
 
 ``model.kernels`` decides where Triton kernels replace torch code (norm, activation, RoPE, the
-fused lm-head loss); that choice lives in megatron_seed.models.kernel_selection.
+fused lm-head loss); the kernels themselves are in megatron_seed.models.kernel_selection.
 
 Parallelism (TP/PP/VPP, sequence parallel), recompute and precision are applied here from the
-run config, in one place, not inside the model definition.
+run config, in one place, not inside the model definition. Optimizations (fused RoPE, FP8,
+the fused loss, torch.compile) are decided once per build and applied from outside the plain
+model, in a fixed order, by megatron_seed.models.optimize.
 """
 
 from __future__ import annotations
@@ -23,46 +25,32 @@ import torch
 import torch.nn.functional as F
 
 from megatron_seed.config.schema import ModelConfig, ParallelConfig, TrainConfig
-from megatron_seed.models.fp8 import Fp8Recipe, enable_fp8_emulation, transformer_config_kwargs
-from megatron_seed.models.kernel_selection import (enable_fused_rope, fused_lm_loss, imports_cleanly,
-                                                   norm_and_activation, resolve_kernels)
-
-
-def transformer_engine_available() -> bool:
-    """TE is used only with CUDA, and only if it imports (it fails to import without cuDNN)."""
-    return torch.cuda.is_available() and imports_cleanly("transformer_engine.pytorch")
-
-
-def resolve_impl(model: ModelConfig) -> str:
-    if model.transformer_impl == "auto":
-        return "transformer_engine" if transformer_engine_available() else "local"
-    if model.transformer_impl == "transformer_engine" and not transformer_engine_available():
-        raise RuntimeError(
-            "model.transformer_impl=transformer_engine but Transformer Engine is not usable here "
-            "(needs CUDA and `pip install megatron-seed[te]`); use model.transformer_impl=local")
-    return model.transformer_impl
+from megatron_seed.models.kernel_selection import fused_lm_loss, norm_and_activation
+from megatron_seed.models.optimize import OptimizationPlan, apply_optimizations, config_options, resolve_plan
+# Resolved in optimize with the rest of the plan; imported from here by callers that pick by spec.
+from megatron_seed.models.optimize import resolve_impl, transformer_engine_available  # noqa: F401
 
 
 def _leave_as_is(tensor):
     return tensor
 
 
-def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig):
+def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
+                             plan: Optional[OptimizationPlan] = None):
+    """megatron-core's TransformerConfig for ``model``. ``plan`` (resolved here when not given)
+    decides the spec-dependent fusions, and :func:`megatron_seed.models.optimize.config_options`
+    adds fused RoPE (filling megatron-core's slots first) and Transformer Engine's FP8 recipe."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    plan = plan or resolve_plan(model, train)
     bf16 = train.precision == "bf16"
-    impl = resolve_impl(model)
+    impl = plan.impl
     recompute = {} if train.recompute == "none" else (
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if train.recompute == "full" else dict(recompute_granularity="selective"))
-    # FP8 in the config only for Transformer Engine; local layers get the emulation from
-    # build_model_chunks (megatron_seed.models.fp8).
-    fp8 = transformer_config_kwargs(Fp8Recipe(format=train.fp8)) if train.fp8 and impl == "transformer_engine" else {}
-    # Fused RoPE: TE's where TE filled megatron-core's slot, else the Triton kernel's (model.kernels).
-    from megatron.core.models.common.embeddings import rope_utils
-
-    rope_fusion = (resolve_kernels(model.kernels) == "triton" and enable_fused_rope()) or (
-        impl == "transformer_engine" and rope_utils.fused_apply_rotary_pos_emb is not None)
+    # Fused RoPE (TE's where TE filled megatron-core's slot, else the Triton kernel's) and FP8 for
+    # Transformer Engine; the local layers get the FP8 emulation after the build (optimize).
+    optimizations = config_options(plan)
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -100,26 +88,25 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, train
         masked_softmax_fusion=impl == "transformer_engine",
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=bool(rope_fusion),
         # The local spec puts SwiGLU in the MLP's activation-module slot (megatron_seed.models.swiglu).
         use_te_activation_func=impl == "local",
         cross_entropy_loss_fusion=False,
         deallocate_pipeline_outputs=True,
         **recompute,
-        **fp8,
+        **optimizations,
     )
 
 
-def layer_spec(model: ModelConfig, context_parallel: int = 1):
+def layer_spec(model: ModelConfig, plan: OptimizationPlan, context_parallel: int = 1):
     """The transformer layer spec: Transformer Engine's, or megatron-core's local one with our
     RMSNorm (sequence-parallel capable) and SwiGLU (torch or Triton, by ``model.kernels``) and,
     by default, SDPA core attention; with context parallelism the ring attention
-    (megatron_seed.models.context_parallel) instead."""
+    (megatron_seed.models.context_parallel) instead; ``plan`` says which spec and kernels."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if resolve_impl(model) == "transformer_engine":
+    if plan.impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    RMSNorm, SwiGLU = norm_and_activation(resolve_kernels(model.kernels))
+    RMSNorm, SwiGLU = norm_and_activation(plan.kernels)
     spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
@@ -135,16 +122,16 @@ def layer_spec(model: ModelConfig, context_parallel: int = 1):
     return spec
 
 
-def block_spec(model: ModelConfig, config, vp_stage):
+def block_spec(model: ModelConfig, config, vp_stage, plan: OptimizationPlan):
     """This pipeline stage's layers plus the final norm (ours on the local spec)."""
     from megatron.core import parallel_state
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules, get_num_layers_to_build)
 
-    spec = layer_spec(model, config.context_parallel_size)
-    if resolve_impl(model) == "transformer_engine":
+    spec = layer_spec(model, plan, config.context_parallel_size)
+    if plan.impl == "transformer_engine":
         return spec
-    RMSNorm, _ = norm_and_activation(resolve_kernels(model.kernels))
+    RMSNorm, _ = norm_and_activation(plan.kernels)
     layers = get_num_layers_to_build(config, vp_stage=vp_stage,
                                      pp_rank=parallel_state.get_pipeline_model_parallel_rank())
     return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
@@ -160,6 +147,11 @@ def _seed_gpt_model_class():
     from megatron.core.models.gpt import GPTModel
 
     from megatron_seed.models.cross_entropy import vocab_parallel_cross_entropy
+    from megatron_seed.platform.megatron_patches import verify
+
+    # The overrides below rely on upstream's _postprocess and compute_language_model_loss: both
+    # pinned and hash-checked (megatron_patches, "seed_gpt_model_overrides").
+    verify("seed_gpt_model_overrides")
 
     class SeedGPTModel(GPTModel):
         fused_linear_loss = False
@@ -181,17 +173,21 @@ def _seed_gpt_model_class():
 
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig,
                        seq_length: Optional[int] = None, seed: int = 1234) -> list:
-    """One GPTModel per virtual pipeline stage held by this rank (one without interleaving)."""
+    """One GPTModel per virtual pipeline stage held by this rank (one without interleaving): the
+    plain megatron-core model, built and initialised here, then optimized from outside by
+    :func:`megatron_seed.models.optimize.apply_optimizations` (fused loss, FP8, torch.compile,
+    in that order) under the plan resolved once at the start."""
     from megatron.core import parallel_state
 
     GPTModel = _seed_gpt_model_class()
-    config = build_transformer_config(model, parallel, train)
+    plan = resolve_plan(model, train)
+    config = build_transformer_config(model, parallel, train, plan)
     chunks = []
     for vp_stage in range(parallel.virtual_pipeline or 1):
         vp = vp_stage if parallel.virtual_pipeline else None
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=block_spec(model, config, vp),
+            transformer_layer_spec=block_spec(model, config, vp, plan),
             vocab_size=model.vocab_size,
             max_sequence_length=seq_length or model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
@@ -207,13 +203,4 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, train: Trai
     from megatron_seed.models.init import init_parameters
 
     init_parameters(chunks, seed, model.init_std, model.num_layers)
-    if resolve_kernels(model.kernels) == "triton" and not train.fp8:
-        for gpt in chunks:
-            gpt.fused_linear_loss = True
-    if train.fp8 and resolve_impl(model) != "transformer_engine":
-        enable_fp8_emulation(chunks, Fp8Recipe(format=train.fp8))
-    if train.compile and resolve_impl(model) != "transformer_engine":
-        from megatron_seed.models.compile import compile_elementwise
-
-        compile_elementwise(chunks)
-    return chunks
+    return apply_optimizations(chunks, plan)

@@ -108,16 +108,13 @@ def _rope_thd_from_freqs(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch
 
 
 def enable_fused_rope() -> bool:
-    """Fill megatron-core's fused-RoPE slots with the Triton kernel where TE has not filled them.
+    """Fill megatron-core's fused-RoPE slots with the Triton kernel where TE has not filled them
+    (the pinned, hash-checked patch ``fused_rope_slots`` of megatron_seed.platform.megatron_patches).
     Only models whose config sets ``apply_rope_fusion`` read the slots, so this changes nothing
     for others; idempotent. Returns whether the slots are usable."""
-    from megatron.core.models.common.embeddings import rope_utils
+    from megatron_seed.platform.megatron_patches import fill_fused_rope_slots
 
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = _rope_from_freqs
-    if rope_utils.fused_apply_rotary_pos_emb_thd is None:
-        rope_utils.fused_apply_rotary_pos_emb_thd = _rope_thd_from_freqs
-    return True
+    return fill_fused_rope_slots(_rope_from_freqs, _rope_thd_from_freqs)
 
 
 def fused_lm_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor, loss_mask=None) -> torch.Tensor:
@@ -149,13 +146,13 @@ def fused_lm_loss(model, hidden_states: torch.Tensor, labels: torch.Tensor, loss
 
 def describe_kernels(chunks: list) -> str:
     """Which ops run fused, and by whom, for the run log ("torch" when none)."""
-    from megatron.core.models.common.embeddings import rope_utils
+    from megatron_seed.platform.megatron_patches import fused_rope_slot
 
     fused = [f"{type(m).__name__.removeprefix('Triton')} (Triton)"
              for m in {type(m): m for c in chunks for m in c.modules() if getattr(m, "uses_triton", False)}.values()]
     if any(getattr(c, "fused_linear_loss", False) for c in chunks):
         fused.append("linear cross-entropy (Triton)")
     if chunks and chunks[0].config.apply_rope_fusion:
-        fused.append("RoPE (Triton)" if rope_utils.fused_apply_rotary_pos_emb is _rope_from_freqs
+        fused.append("RoPE (Triton)" if fused_rope_slot() is _rope_from_freqs
                      else "RoPE (Transformer Engine)")
     return ", ".join(sorted(fused)) if fused else "torch"

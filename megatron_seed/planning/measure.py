@@ -1,13 +1,14 @@
 """Measure on this machine what the memory plan models, category by category.
 
 The real training stack is assembled as ``training/build.py`` does (model chunks, megatron-core
-DDP with its fp32 grad buffer, the megatron optimizer) and training steps run through
-megatron-core's schedule under :class:`LiveStorageBytes`, a dispatch mode that counts every tensor
-storage created inside it until it is freed, on CPU as on GPU. (torch's ``MemTracker`` does the
-same with categories, but refuses a second forward of the root module, i.e. a second
-micro-batch, and calls ``module.buffers()``, which megatron-core's DDP shadows with a list.) With
-``parallel.context`` the micro-batches are cut to each rank's part of the sequences and the loss
-made whole over the group by the trainer's own helpers.
+DDP with its fp32 grad buffer, the megatron optimizer) and the trainer's own step
+(:class:`~megatron_seed.training.trainer.Trainer`) runs on a synthetic objective, pretraining on
+random tokens, under :class:`LiveStorageBytes`, a dispatch mode that counts every tensor storage
+created inside it until it is freed, on CPU as on GPU. (torch's ``MemTracker`` does the same with
+categories, but refuses a second forward of the root module, i.e. a second micro-batch, and calls
+``module.buffers()``, which megatron-core's DDP shadows with a list.) With ``parallel.context`` the
+trainer cuts the micro-batches to each rank's part of the sequences and makes the loss whole over
+the group, as it does in training.
 
 * weights: bytes of this rank's parameters; gradients: bytes of the DDP grad buffers;
 * optimizer state: the storages the optimizer holds besides the parameters (fp32 master weights,
@@ -32,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from megatron_seed.config.schema import RunConfig
+from megatron_seed.training.objectives.pretrain import PretrainObjective
 
 
 class LiveStorageBytes(TorchDispatchMode):
@@ -87,39 +89,28 @@ def _batches(run: RunConfig, device, seed: int):
                "loss_mask": torch.ones(b, s, device=device)}
 
 
-def _forward_step(data_iterator, model):
-    from functools import partial
+class SyntheticObjective(PretrainObjective):
+    """The pretraining objective (its forward step, masked LM loss and per-micro-batch
+    normalization) on :func:`_batches` from ``seed``: no data files to read."""
 
-    from megatron_seed.training.pretrain_objective import lm_loss
+    name = "synthetic"
 
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                   loss_mask=batch["loss_mask"])
-    return output, partial(lm_loss, batch["loss_mask"])
+    def __init__(self, run: RunConfig, seed: int, device):
+        super().__init__(None, run.train.micro_batch_size, 0, 1, device)
+        self.run, self.seed = run, seed
 
-
-def _context_parallel_forward_step(data_iterator, model):
-    """:func:`_forward_step` with the trainer's loss for sequences split over the context-parallel
-    group (per-micro-batch normalization, as ``measure_training_memory`` sets)."""
-    from functools import partial
-
-    from megatron_seed.training.trainer import _context_parallel_loss
-
-    output, loss_func = _forward_step(data_iterator, model)
-    return output, partial(_context_parallel_loss, loss_func, False)
+    def data_iterator(self, split: int, consumed_samples: int):
+        return _batches(self.run, self.device, self.seed)
 
 
 def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
     """Bytes per category on this rank for ``run``'s layout (processes and groups from the
     launcher's environment: one process, or torchrun). Tears down the process groups it started."""
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_seed.models.context_parallel import context_parallel_batches
     from megatron_seed.models.gpt import build_model_chunks
     from megatron_seed.platform import distributed
     from megatron_seed.training.build import resolve_run_precision
-    from megatron_seed.training.setup import build_optimizer, wrap_for_training
+    from megatron_seed.training.optimizer_setup import build_optimizer, build_scheduler, wrap_for_training
+    from megatron_seed.training.trainer import Trainer
 
     p = run.parallel
     started = not torch.distributed.is_initialized()
@@ -128,47 +119,31 @@ def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
         run = resolve_run_precision(copy.deepcopy(run), ctx)
         chunks = build_model_chunks(run.model, p, run.train, run.data.seq_length, seed)
         for chunk in chunks:
-            chunk.config.calculate_per_token_loss = False
+            chunk.config.calculate_per_token_loss = False  # the synthetic objective's normalization
         wrapped = wrap_for_training(chunks, run)
         weights = sum(t.numel() * t.element_size() for t in {id(q): q for c in wrapped for q in c.parameters()}.values())
         gradients = sum(b.grad_data.numel() * b.grad_data.element_size()
                         for c in wrapped for b in c.buffers + c.expert_parallel_buffers)
-        # Every rank of a context-parallel group draws the same sequences and keeps its part, as the
-        # trainer does (the same dp_rank, hence the same seed, across the group).
-        iterators = [_batches(run, ctx.device, seed + ctx.dp_rank) for _ in wrapped]
-        step = _forward_step
-        if ctx.cp > 1:
-            iterators = [context_parallel_batches(it, ctx.cp_rank, ctx.cp) for it in iterators]
-            step = _context_parallel_forward_step
-        forward_backward = get_forward_backward_func()
-        micro_batches = run.train.global_batch_size // (run.train.micro_batch_size * ctx.dp)
-
-        def fwd_bwd():
-            for c in wrapped:
-                c.zero_grad_buffer()
-            forward_backward(forward_step_func=step,
-                             data_iterator=iterators[0] if len(iterators) == 1 else iterators,
-                             model=wrapped, num_microbatches=micro_batches, seq_length=run.data.seq_length,
-                             micro_batch_size=run.train.micro_batch_size, forward_only=False)
-
-        # Step 1 creates the optimizer state (master weights at construction, Adam's moments lazily).
-        with LiveStorageBytes() as first:
+        # Every rank of a context-parallel group draws the same sequences and keeps its part, as in
+        # training (the same dp_rank, hence the same seed, across the group).
+        objective = SyntheticObjective(run, seed + ctx.dp_rank, ctx.device)
+        # The optimizer state: master weights when the optimizer is built, Adam's moments in its
+        # first step. The trainer is built in between, outside the count: it keeps no tensors, but
+        # times the CPU's peak FLOPs (for MFU) with tensors of its own.
+        with LiveStorageBytes() as built:
             optimizer = build_optimizer(wrapped, run)
-            config = wrapped[0].config
-            config.finalize_model_grads_func = finalize_model_grads
-            config.grad_scale_func = optimizer.scale_loss
-            no_sync = [c.no_sync for c in wrapped]
-            config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-            fwd_bwd()
-            optimizer.zero_grad()
-            optimizer.step()
+        trainer = Trainer(run, ctx, wrapped, optimizer, build_scheduler(optimizer, run), objective,
+                          checkpointer=None, logger=None)  # steps only: it never saves or logs
+        iterators = trainer._iterators(0, 0)
+        with LiveStorageBytes() as first:
+            trainer.train_step(iterators)
         optimizer_state = _optimizer_bytes(optimizer, wrapped)
         # Whatever else step 1 left allocated: buffers megatron-core keeps between steps (the
         # sequence-parallel all-gather buffer, cached masks); they hold activations.
-        persistent = first.current - optimizer_state
-        # Step 2: forward and backward passes only; what they allocate beyond the standing state.
+        persistent = built.current + first.current - optimizer_state
+        # Step 2: its forward and backward passes only; what they allocate beyond the standing state.
         with LiveStorageBytes() as second:
-            fwd_bwd()
+            trainer.forward_backward_step(iterators)
         dynamic = second.peak + persistent
         return {"rank": ctx.rank, "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp": ctx.dp, "cp": ctx.cp,
                 "precision": run.train.precision, "weights": weights, "gradients": gradients,
@@ -182,7 +157,7 @@ def measure_training_memory(run: RunConfig, seed: int = 1234) -> dict:
 def _optimizer_bytes(optimizer, chunks) -> int:
     """Storages the optimizer holds besides the model's parameters: fp32 master weights (or their
     shards) and Adam's moments."""
-    from megatron_seed.training.setup import _torch_optimizers
+    from megatron_seed.training.optimizer_setup import _torch_optimizers
 
     model = {id(p.untyped_storage()) for c in chunks for p in c.parameters()}
     held = {}

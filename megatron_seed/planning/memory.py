@@ -7,7 +7,7 @@ Every term follows what this project's training stack actually allocates:
   copy on the last stage when PP > 1, as megatron-core does) in the params dtype (bf16: 2 bytes,
   fp32: 4).
 * **gradients**: megatron-core DDP's grad buffer, fp32 for any params dtype
-  (``grad_reduce_in_fp32=True`` in ``training/setup.py``): 4 bytes per parameter, full size even
+  (``grad_reduce_in_fp32=True`` in ``training/optimizer_setup.py``): 4 bytes per parameter, full size even
   with the distributed optimizer (it reduce-scatters in place).
 * **optimizer state**: Adam's m and v (fp32) plus, for bf16 params, fp32 master weights: 8 or 12
   bytes per parameter, divided by the data-parallel size times the context-parallel size with
@@ -47,7 +47,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_seed.config.schema import ConfigError, ModelConfig, RunConfig
+from megatron_seed.config.schema import ConfigError, ModelConfig, ObjectiveChecks, RunConfig
 from megatron_seed.planning.context_parallel import attention_working_bytes
 from megatron_seed.platform import units
 
@@ -178,7 +178,8 @@ class MemoryPlan:
 # ----------------------------------------------------------------------------- layout
 
 
-def resolve_layout(run: RunConfig, world_size: Optional[int] = None, device: str = "gpu") -> Layout:
+def resolve_layout(run: RunConfig, world_size: Optional[int] = None, device: str = "gpu",
+                   objective: Optional[ObjectiveChecks] = None) -> Layout:
     """The layout a launch of ``run`` on ``world_size`` ranks (default: one data-parallel replica)
     of ``device`` ("gpu" or "cpu") gets, after the run config's own validation."""
     if device not in ("gpu", "cpu"):
@@ -188,7 +189,7 @@ def resolve_layout(run: RunConfig, world_size: Optional[int] = None, device: str
     checked = copy.deepcopy(run)
     # Planning needs no data files: validate the layout as if the data were synthetic.
     checked.data.mock, checked.data.blend, checked.data.train = True, [], None
-    checked.validate(world)
+    checked.validate(world, objective)
     _require_divisible(m.vocab_size, p.tensor, "model.vocab_size", "parallel.tensor")
     precision = t.precision if t.precision != "auto" else ("bf16" if device == "gpu" else "fp32")
     kernels = m.kernels if m.kernels != "auto" else ("triton" if device == "gpu" else "torch")
@@ -444,10 +445,13 @@ def plan_stage(model: ModelConfig, layout: Layout, rank: int) -> StageMemory:
 
 
 def plan_memory(run: RunConfig, world_size: Optional[int] = None, device: str = "gpu",
-                device_memory: Optional[int] = None, with_suggestions: bool = True) -> MemoryPlan:
+                device_memory: Optional[int] = None, with_suggestions: bool = True,
+                objective: Optional[ObjectiveChecks] = None) -> MemoryPlan:
     """The per-rank plan of every pipeline stage; with ``device_memory`` (bytes) and a layout that
-    does not fit, re-planned suggestions (see :func:`suggest`)."""
-    layout = resolve_layout(run, world_size, device)
+    does not fit, re-planned suggestions (see :func:`suggest`). ``objective``: the training layer's
+    checks of what ``train.objective`` declares (megatron_seed.training.objective.CONFIG_CHECKS), applied
+    to the layout asked for; suggestions are checked as layouts only."""
+    layout = resolve_layout(run, world_size, device, objective)
     stages = [plan_stage(run.model, layout, r) for r in range(layout.pp)]
     plan = MemoryPlan(name=run.name, layout=layout, stages=stages,
                       per_layer_activation_bytes=sum(layer_activation_bytes(run.model, layout).values()),

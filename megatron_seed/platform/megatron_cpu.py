@@ -19,7 +19,13 @@ wrapping every torch call:
    the patches anyway, with a warning naming each changed function.
 3. RNG helpers. ``tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`` index CUDA
    generators; they are replaced with the CPU generator's get/set, so the model-parallel RNG
-   tracker forks the CPU generator exactly as it forks a CUDA one.
+   tracker forks the CPU generator exactly as it forks a CUDA one (their upstream source is
+   hash-checked like the rewrites: :data:`REPLACEMENTS`).
+
+The other changes megatron-seed makes to megatron-core (fused-RoPE slots, the compiled RoPE
+function, the checkpoint results queue, FP8 emulation on linear layers, ...) are in
+``megatron_seed.platform.megatron_patches``. They are pinned and checked with the helpers in this
+module (:func:`check_source`, :func:`report_problems`).
 
 Modules imported after :func:`apply` get the same treatment: an import hook on ``sys.meta_path``
 shims each ``megatron.core.*`` module when it finishes loading, and runs the rewrites that live in
@@ -149,6 +155,23 @@ SOURCE_REWRITES = (
         "speed, not correctness: the fallback for apex's multi_tensor_scale (used by grad clipping "
         "to scale grads in place) allocates a temporary per tensor; ~50 ms per step at 100M params",
     ),
+)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """``module.qualname`` is replaced by a function of ours (its upstream source is hash-checked)."""
+
+    module: str
+    qualname: str
+    why: str
+
+
+REPLACEMENTS = (
+    Replacement("megatron.core.tensor_parallel.random", "_get_cuda_rng_state",
+                "reads a CUDA generator's state; on CPU the CPU generator's"),
+    Replacement("megatron.core.tensor_parallel.random", "_set_cuda_rng_state",
+                "sets a CUDA generator's state; on CPU the CPU generator's"),
 )
 
 
@@ -348,38 +371,47 @@ def unpinned_allowed() -> bool:
     return os.environ.get(ALLOW_UNPINNED_ENV, "") == "1"
 
 
-def _check(rw: SourceRewrite) -> str | None:
-    """None when ``rw``'s target has the source recorded for the pinned release, else why not."""
+def check_source(module: str, qualname: str, hashes: dict[str, str], why: str) -> str | None:
+    """None when ``module.qualname`` has the source whose sha256 ``hashes`` records for the pinned
+    release, else why not. Shared by every megatron-core patch of ours (here and in
+    ``megatron_patches``)."""
     try:
-        got = source_sha256(rw.module, rw.qualname)
-    except (ImportError, AttributeError, KeyError, OSError) as err:
-        return f"{rw.module}.{rw.qualname}: cannot be found ({err})"
-    want = PATCH_HASHES.get(f"{rw.module}.{rw.qualname}")
+        got = source_sha256(module, qualname)
+    except (ImportError, AttributeError, KeyError, OSError, TypeError) as err:
+        return f"{module}.{qualname}: cannot be found ({err})"
+    want = hashes.get(f"{module}.{qualname}")
     if want != got:
-        return (f"{rw.module}.{rw.qualname}: source changed upstream (sha256 {got[:12]}, "
-                f"pinned {str(want)[:12]}); review the patch ({rw.why})")
+        return (f"{module}.{qualname}: source changed upstream (sha256 {got[:12]}, "
+                f"pinned {str(want)[:12]}); review the patch ({why})")
     return None
+
+
+def _check(rw: SourceRewrite | Replacement) -> str | None:
+    """None when ``rw``'s target has the source recorded for the pinned release, else why not."""
+    return check_source(rw.module, rw.qualname, PATCH_HASHES, rw.why)
 
 
 def check_patch_targets() -> list[str]:
     """Return one message per patched function whose upstream source differs from the pinned one
     (importing every patched module)."""
-    return [problem for problem in map(_check, SOURCE_REWRITES) if problem is not None]
+    return [problem for problem in map(_check, SOURCE_REWRITES + REPLACEMENTS) if problem is not None]
 
 
-def _report(problems: list[str], strict: bool) -> None:
-    """Raise (strict) or warn about patch targets that differ from the pinned megatron-core."""
+def report_problems(problems: list[str], strict: bool, layer: str = "megatron-core CPU layer",
+                    where: str = "megatron_seed/platform/megatron_cpu.py") -> None:
+    """Raise (strict) or warn about patch targets that differ from the pinned megatron-core.
+    ``layer`` names the patches in the message, ``where`` the file that holds them and their hashes."""
     if not problems:
         return
-    head = (f"megatron-core CPU layer: megatron-core {megatron_core_version()} differs from "
+    head = (f"{layer}: megatron-core {megatron_core_version()} differs from "
             f"{PINNED_MEGATRON_CORE}, the version its patches were written and checked for, in:\n  "
             + "\n  ".join(problems))
     if strict:
         raise RuntimeError(
             f"{head}\nInstall megatron-core=={PINNED_MEGATRON_CORE}, or set {ALLOW_UNPINNED_ENV}=1 to try "
             "the patches anyway (then review each function above against its patch in "
-            "megatron_seed/platform/megatron_cpu.py and record its new hash in PATCH_HASHES).")
-    warnings.warn(f"{head}\n{ALLOW_UNPINNED_ENV}=1: patching anyway; results on CPU are unverified.",
+            f"{where} and record its new hash in PATCH_HASHES).")
+    warnings.warn(f"{head}\n{ALLOW_UNPINNED_ENV}=1: patching anyway; results are unverified.",
                   RuntimeWarning, stacklevel=3)
 
 
@@ -401,15 +433,17 @@ def apply(strict: bool | None = None) -> bool:
         strict = not unpinned_allowed()
     # Rewrites in modules nobody imported yet run when they are imported (_MegatronImportHook).
     loaded = [rw for rw in SOURCE_REWRITES if rw.module in sys.modules]
-    _report([problem for problem in map(_check, loaded) if problem is not None], strict)
+    report_problems([problem for problem in map(_check, loaded + list(REPLACEMENTS)) if problem is not None],
+                    strict)
     shim = _build_torch_shim()
     _STATE.update(shim=shim, strict=strict, pending=[rw for rw in SOURCE_REWRITES if rw not in loaded])
     _shim_loaded_modules(shim)
     for rw in loaded:
         _rewrite(rw, shim, strict)
     random = sys.modules["megatron.core.tensor_parallel.random"]
-    random._get_cuda_rng_state = _get_cpu_rng_state
-    random._set_cuda_rng_state = _set_cpu_rng_state
+    for name, ours in (("_get_cuda_rng_state", _get_cpu_rng_state), ("_set_cuda_rng_state", _set_cpu_rng_state)):
+        ours.__megatron_seed_original__ = random.__dict__[name]  # what the hash check reads
+        setattr(random, name, ours)
     if not any(isinstance(finder, _MegatronImportHook) for finder in sys.meta_path):
         sys.meta_path.insert(0, _MegatronImportHook())
     _STATE["applied"] = True
@@ -436,7 +470,7 @@ def _after_import(module: types.ModuleType) -> None:
         return
     # A strict failure propagates out of the import (the module is not left half-patched), and
     # the rewrite stays pending so a second import attempt fails the same way.
-    _report([problem for problem in map(_check, mine) if problem is not None], _STATE["strict"])
+    report_problems([problem for problem in map(_check, mine) if problem is not None], _STATE["strict"])
     _STATE["pending"] = [rw for rw in _STATE["pending"] if rw.module != module.__name__]
     for rw in mine:
         _rewrite(rw, shim, _STATE["strict"])
@@ -480,7 +514,7 @@ class _MegatronImportHook(importlib.abc.MetaPathFinder):
         return spec
 
 
-# sha256 of each rewritten function's source in megatron-core PINNED_MEGATRON_CORE.
+# sha256 of each rewritten or replaced function's source in megatron-core PINNED_MEGATRON_CORE.
 PATCH_HASHES: dict[str, str] = {
     "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer.get_parameter_state_dp_zero": (
         "812c52ea4568b0ffae6132290b6bffe247fa0c44e42835be3e1ae55cbadd838b"
@@ -508,5 +542,11 @@ PATCH_HASHES: dict[str, str] = {
     ),
     "megatron.core.tensor_parallel.data.broadcast_data": (
         "cb3b8422f27722ef81048de6be2941656936718155280b92a35d9aacaba1e651"
+    ),
+    "megatron.core.tensor_parallel.random._get_cuda_rng_state": (
+        "aa26caaa069c5c4feff0f9f4e69f0f2ab6d6fc7940f71c3a6d0fe9303447d3dc"
+    ),
+    "megatron.core.tensor_parallel.random._set_cuda_rng_state": (
+        "b179c9d95438b61c1d9b58e8e13cc6534f2ae2f870d991c42438de53829ed398"
     ),
 }

@@ -1,7 +1,8 @@
 """Assemble a run from its config and an objective: process groups, model, optimizer, trainer.
 
-``build_trainer(run, objective_factory)`` is the one assembly every objective uses (pretraining
-now; SFT, DPO, RL next): the objective supplies data, loss and metrics, everything else is here.
+``build_trainer(run, objective_factory)`` is the one assembly every objective uses (pretrain, SFT,
+DPO, RL, a plugin's): the objective supplies data, loss and metrics, everything else is here.
+``build_run(run)`` builds the trainer of the objective ``train.objective`` names.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from megatron_seed.data.tokenizer import load_tokenizer
 from megatron_seed.models.gpt import build_model_chunks
 from megatron_seed.platform import distributed
 from megatron_seed.training.metrics import RunLogger
-from megatron_seed.training.objective import ObjectiveFactory, check_objective, resolve_objective
-from megatron_seed.training.setup import (build_optimizer, build_scheduler, use_fused_cpu_adam,
+from megatron_seed.training.objective import CONFIG_CHECKS, ObjectiveFactory, check_objective, resolve_objective
+from megatron_seed.training.optimizer_setup import (build_optimizer, build_scheduler, use_fused_cpu_adam,
                                          wrap_for_training)
 from megatron_seed.training.trainer import Trainer
 
 
-def build_pretraining(run: RunConfig) -> Trainer:
-    """The ``megatron_seed.pretrain`` run: the objective that ``train.objective`` names
-    (``pretrain`` by default)."""
+def build_run(run: RunConfig) -> Trainer:
+    """The trainer of a run: the objective that ``train.objective`` names (``pretrain`` by default;
+    the ``sft``, ``dpo`` and ``rl`` entry points set it)."""
     return build_trainer(run, resolve_objective(run.train.objective))
 
 
@@ -39,9 +40,9 @@ def build_trainer(run: RunConfig, objective_factory: ObjectiveFactory) -> Traine
     from megatron_seed.platform import launch
 
     p, t = run.parallel, run.train
-    run.validate(launch.detect().world_size)  # before any process group exists: fail fast
+    run.validate(launch.detect().world_size, CONFIG_CHECKS)  # before any process group exists: fail fast
     ctx = distributed.initialize(tp=p.tensor, pp=p.pipeline, vpp=p.virtual_pipeline, seed=t.seed, cp=p.context)
-    run.validate(ctx.world_size)
+    run.validate(ctx.world_size, CONFIG_CHECKS)
     saved: Optional[TrainState] = None
     if t.load:  # a checkpoint that cannot serve this run is a config error, before any model exists
         check_checkpoint_model(t.load, run.model)

@@ -23,6 +23,7 @@ def run_training(argv: Optional[list], prog: str, doc: str, objective: Optional[
     from megatron_seed.config import ConfigError, load_config
     from megatron_seed.platform import launch
     from megatron_seed.training import stages as staged
+    from megatron_seed.training.objective import CONFIG_CHECKS
 
     overrides = list(args.overrides)
     if objective is not None:  # the entry point decides what it trains
@@ -34,7 +35,7 @@ def run_training(argv: Optional[list], prog: str, doc: str, objective: Optional[
         stages = staged.read_stages(args.config, overrides, preset=args.preset)
         if stages is None:
             run = load_config(args.config, overrides, preset=args.preset)
-            run.validate(world.world_size)
+            run.validate(world.world_size, CONFIG_CHECKS)
         else:
             staged.plan_stages(stages, world.world_size)
     except ConfigError as err:
@@ -44,13 +45,13 @@ def run_training(argv: Optional[list], prog: str, doc: str, objective: Optional[
                  + (f"{len(stages)} stages" if stages is not None else f"objective {run.train.objective}")):
         return 0
     from megatron_seed.platform import distributed
-    from megatron_seed.training.build import build_pretraining
+    from megatron_seed.training.build import build_run
 
     try:
         if stages is None:
-            trainer = build_pretraining(run)
+            trainer = build_run(run)
         else:
-            staged.run_stages(stages, build_pretraining, staged.stderr_on_rank0(world.rank))
+            staged.run_stages(stages, build_run, staged.stderr_on_rank0(world.rank))
     except ConfigError as err:  # found at start-up (e.g. by reading train.load's checkpoint)
         print(f"config error: {err}", file=sys.stderr)
         distributed.shutdown()

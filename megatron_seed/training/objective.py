@@ -30,6 +30,12 @@ Pretraining, SFT, DPO and RL differ only in what an :class:`Objective` provides:
   rewards, phase timings), identical on every rank, merged into each logged record.
 * **close**: ``close()`` at the end of training releases what the objective started (sandboxes,
   worker threads).
+* **needs** (declared on the class, read before anything is built): ``needs``, an
+  :class:`ObjectiveNeeds` (whether the run's token data is checked, whether context parallelism can
+  split its loss), and ``check_config(run)``, its own checks of the run config. The factory names
+  its class with :func:`builds`; ``RunConfig.validate`` asks them through the checks this module
+  installs into the config layer (which cannot import training), so a run that does not fit its
+  objective fails before any process group starts.
 
 **Loss normalization.** ``"per_token"`` sets megatron-core's ``calculate_per_token_loss``: the
 schedule back-propagates the *sum* of masked token losses, and ``finalize_model_grads`` divides
@@ -44,15 +50,20 @@ mean, so with uneven masks it is not exactly the loss optimized).
 Objectives are built by a factory ``(run, ctx, tokenizer) -> Objective`` (``ctx``:
 :class:`megatron_seed.platform.distributed.ParallelContext`, for data-parallel rank, size and
 device; ``tokenizer``: the run's, from ``data.tokenizer``). ``train.objective`` names one: a
-registered name (``pretrain``) or ``package.module:function``.
+registered name (``pretrain``; the built-in objectives live in
+:mod:`megatron_seed.training.objectives`) or ``package.module:function``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional, Protocol, Union, runtime_checkable
+from dataclasses import dataclass
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Optional, Protocol, Union,
+                    runtime_checkable)
 
 import torch
+
+from megatron_seed.config.schema import ConfigError
 
 if TYPE_CHECKING:
     from megatron_seed.config.schema import RunConfig
@@ -62,6 +73,21 @@ TOKENS = "tokens"  # reserved report key: (real tokens, sequences) of a micro-ba
 
 LossNormalization = Literal["per_token", "per_microbatch"]
 LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class ObjectiveNeeds:
+    """What an objective needs of a run, declared on its class (``Objective.needs``) and checked by
+    ``RunConfig.validate`` before any process group starts."""
+
+    # The run's token data: data.blend (PREFIX.bin/.idx files) or data.mock, checked unless
+    # data.train names files of its own (conversations, pairs). False: the objective makes its
+    # data itself (RL samples it), so the token data is not checked.
+    token_data: bool = True
+    # parallel.context > 1 splits every sequence over ranks: a loss that is a sum over tokens splits
+    # with it; one that sums log-probabilities per sequence (a pair's, a rollout's) would need a
+    # sum across the group first.
+    context_parallel: bool = False
 
 
 @runtime_checkable
@@ -75,6 +101,15 @@ class Objective(Protocol):
     loss_normalization: LossNormalization
     # Keys logged as the step's total (the sum) instead of sum / count, e.g. loss tokens per step.
     sum_keys: tuple[str, ...] = ()
+    # What the objective needs of a run: read from the class its factory builds (see builds), before
+    # any instance exists.
+    needs: ClassVar[ObjectiveNeeds] = ObjectiveNeeds()
+
+    @classmethod
+    def check_config(cls, run: "RunConfig") -> None:
+        """The objective's own checks of a run config, after the layout's (``RunConfig.validate``,
+        before any process group starts): a ConfigError that names the key to change."""
+        return None
 
     def data_iterator(self, split: int, consumed_samples: int) -> Optional[Iterator[Any]]:
         """This rank's micro-batches of ``split`` from global sample ``consumed_samples`` on."""
@@ -115,17 +150,32 @@ ObjectiveFactory = Callable[["RunConfig", "ParallelContext", Any], Objective]  #
 # Registered objectives: name -> factory, or "module:function" imported on first use (importing
 # an objective's module pulls in its data code, which other objectives do not need).
 OBJECTIVES: dict[str, Union[str, ObjectiveFactory]] = {
-    "pretrain": "megatron_seed.training.pretrain_objective:build_pretrain_objective",
-    "sft": "megatron_seed.training.sft_objective:build_sft_objective",
-    "dpo": "megatron_seed.training.dpo_objective:build_dpo_objective",
-    "rl": "megatron_seed.training.rl_objective:build_rl_objective",
+    "pretrain": "megatron_seed.training.objectives.pretrain:build_pretrain_objective",
+    "sft": "megatron_seed.training.objectives.sft:build_sft_objective",
+    "dpo": "megatron_seed.training.objectives.dpo:build_dpo_objective",
+    "rl": "megatron_seed.training.objectives.rl:build_rl_objective",
 }
+
+
+def builds(objective_class: type) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
+    """Decorate a factory with the Objective class it builds, whose ``needs`` and ``check_config``
+    a run is validated against before the factory runs. A factory without it gets the defaults of
+    :class:`Objective` (token data checked, no context parallelism, no checks of its own)."""
+
+    def mark(factory: ObjectiveFactory) -> ObjectiveFactory:
+        factory.objective_class = objective_class
+        return factory
+
+    return mark
+
+
+def declared_objective(spec: str) -> type:
+    """The Objective class whose declarations ``train.objective=spec`` runs under."""
+    return getattr(resolve_objective(spec), "objective_class", Objective)
 
 
 def resolve_objective(spec: str) -> ObjectiveFactory:
     """The factory that ``train.objective`` names: a registered name or ``package.module:function``."""
-    from megatron_seed.config.schema import ConfigError
-
     target = OBJECTIVES.get(spec, spec)
     if callable(target):
         return target
@@ -142,13 +192,17 @@ def resolve_objective(spec: str) -> ObjectiveFactory:
     return factory
 
 
+# What the loop uses of an objective instance: every member of Objective but the class-level
+# declarations (needs, check_config), which are read from the class before any instance exists.
+_INSTANCE_MEMBERS = ("name", "loss_key", "metric_keys", "loss_normalization", "sum_keys", "data_iterator",
+                     "forward_step", "before_step", "bind_model", "step_metrics", "close", "state_dict",
+                     "load_state_dict")
+
+
 def check_objective(objective: Any) -> Objective:
     """Fail at start-up, naming what is missing, rather than inside megatron-core's schedule."""
-    if not isinstance(objective, Objective):
-        missing = [m for m in ("name", "loss_key", "metric_keys", "loss_normalization", "data_iterator",
-                               "forward_step", "before_step", "bind_model", "step_metrics", "close",
-                               "state_dict", "load_state_dict")
-                   if not hasattr(objective, m)]
+    missing = [m for m in _INSTANCE_MEMBERS if not hasattr(objective, m)]
+    if missing:
         raise TypeError(f"{type(objective).__name__} is not an Objective: it lacks {', '.join(missing)} "
                         "(subclass megatron_seed.training.objective.Objective)")
     if objective.loss_normalization not in ("per_token", "per_microbatch"):
@@ -159,3 +213,28 @@ def check_objective(objective: Any) -> Objective:
         raise ValueError(f"objective {objective.name!r}: metric_keys {keys} must list loss_key "
                          f"{objective.loss_key!r} once each and not the reserved {TOKENS!r}")
     return objective
+
+
+class _ConfigChecks:
+    """``RunConfig.validate``'s questions about the objective ``train.objective`` names (the
+    config layer's ObjectiveChecks), answered from the objective's declarations."""
+
+    def uses_token_data(self, run: "RunConfig") -> bool:
+        return declared_objective(run.train.objective).needs.token_data
+
+    def check_context_parallel(self, run: "RunConfig") -> None:
+        if declared_objective(run.train.objective).needs.context_parallel:
+            return
+        able = [name for name in OBJECTIVES if declared_objective(name).needs.context_parallel]
+        raise ConfigError(f"parallel.context={run.parallel.context} supports train.objective="
+                          f"{', '.join(able[:-1])}{' and ' if len(able) > 1 else ''}{able[-1]} (got "
+                          f"{run.train.objective!r}: its loss sums log-probabilities per sequence); set "
+                          "parallel.context=1")
+
+    def check(self, run: "RunConfig") -> None:
+        declared_objective(run.train.objective).check_config(run)
+
+
+# The config sits below training and cannot look objectives up itself: whoever validates a run for
+# training passes these to RunConfig.validate (stateless: one shared instance).
+CONFIG_CHECKS = _ConfigChecks()

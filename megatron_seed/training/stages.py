@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Literal, Optional
 
 from megatron_seed.config.loading import apply_settings, config_from_dict, read_config_file
 from megatron_seed.config.schema import ConfigError, RunConfig
+from megatron_seed.training.objective import CONFIG_CHECKS
 
 STAGE_KEYS = ("name", "overrides", "load_optimizer")
 # Where a stage reads and writes its checkpoints is the runner's decision; a stage that set these
@@ -176,7 +177,7 @@ def plan_stages(stages: list[Stage], world_size: int,
                                   "weights it starts from; a stage may change the RoPE base, data, sequence "
                                   "length and schedule, not the shape of the weights")
         try:
-            stage.run.validate(world_size)
+            stage.run.validate(world_size, CONFIG_CHECKS)
         except ConfigError as err:
             raise ConfigError(f"{stage.label}: {err}") from err
     return stages
@@ -209,7 +210,7 @@ def describe(stage: Stage) -> str:
 
 def run_stages(stages: list[Stage], build: Callable[[RunConfig], Any], log: Callable[[str], None]) -> None:
     """Build and fit each planned stage in turn (``build``: a config -> Trainer, e.g.
-    build_pretraining). A config error found while building a stage names the stage."""
+    build_run). A config error found while building a stage names the stage."""
     import torch
 
     for stage in stages:

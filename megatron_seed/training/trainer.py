@@ -20,6 +20,7 @@ import torch
 from megatron_seed.config.schema import RunConfig
 from megatron_seed.training import metrics
 from megatron_seed.checkpoint.checkpointer import Checkpointer, TrainState
+from megatron_seed.training.forward_only import forward_only
 from megatron_seed.training.objective import TOKENS, Objective, check_objective
 
 
@@ -82,11 +83,17 @@ class Trainer:
         return output, functools.partial(_context_parallel_loss, loss_func,
                                          self.objective.loss_normalization == "per_token")
 
-    def _run_microbatches(self, iterators, forward_only: bool) -> list[dict]:
+    def forward_backward_step(self, iterators) -> list[dict]:
+        """One global batch's forward and backward passes into zeroed gradients, no update: the
+        micro-batches' reports. (Apart from the update so that the memory planner can measure the
+        passes alone: megatron_seed.planning.measure.)"""
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
         return self.forward_backward(
             forward_step_func=self._forward_step, data_iterator=iterators, model=self.chunks,
             num_microbatches=self.num_microbatches, seq_length=self.run.data.seq_length,
-            micro_batch_size=self.run.train.micro_batch_size, forward_only=forward_only,
+            micro_batch_size=self.run.train.micro_batch_size, forward_only=False,
         )
 
     def _reduce(self, reports: list[dict]) -> tuple[dict[str, float], float]:
@@ -124,10 +131,7 @@ class Trainer:
 
     def train_step(self, iterators) -> StepResult:
         lr = self.optimizer.param_groups[0]["lr"]
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        reports = self._run_microbatches(iterators, forward_only=False)
+        reports = self.forward_backward_step(iterators)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
@@ -138,18 +142,15 @@ class Trainer:
         nan = float("nan")
         return StepResult({k: nan for k in self.metric_keys}, nan, 0.0, None, self.optimizer.param_groups[0]["lr"])
 
-    @torch.no_grad()
     def evaluate(self, steps: int) -> Optional[dict[str, float]]:
+        """The objective's metrics over ``steps`` global batches of the validation split (None
+        without one), from forward-only passes."""
         iterators = self._iterators(1, 0)
         if iterators is None or (isinstance(iterators, list) and iterators[0] is None):
             return None
-        for chunk in self.chunks:
-            chunk.eval()
         reports = []
         for _ in range(steps):
-            reports.extend(self._run_microbatches(iterators, forward_only=True))
-        for chunk in self.chunks:
-            chunk.train()
+            reports.extend(forward_only(self.run, self.chunks, self._forward_step, iterators, self.num_microbatches))
         return self._reduce(reports)[0]
 
     def save(self) -> None:

@@ -1,6 +1,6 @@
 """The pretraining objective: next-token cross-entropy over packed GPTDataset sequences.
 
-(The module is ``pretrain_objective``, not ``pretrain``: ``megatron_seed.pretrain`` is the CLI.)
+(``megatron_seed.pretrain`` is the CLI; this is ``megatron_seed.training.objectives.pretrain``.)
 """
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ from functools import partial
 import torch
 
 from megatron_seed.data.datasets import micro_batches
-from megatron_seed.training.objective import TOKENS, Objective
+from megatron_seed.training.objective import TOKENS, Objective, ObjectiveNeeds, builds
+from megatron_seed.training.objectives.common import masked_loss
 
 
 def lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Sum of masked per-token losses and the token count (the schedule or, per token,
     ``finalize_model_grads`` divides), and the report: the loss as (sum, count) and the
     micro-batch's tokens, all real in packed pretraining sequences."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
-    num_tokens = mask.sum().to(torch.int)
+    loss_sum, count = masked_loss(loss_mask, per_token_loss)
     tokens = torch.tensor([loss_mask.numel(), loss_mask.shape[0]], dtype=torch.float64)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()]), TOKENS: tokens}
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count]), TOKENS: tokens}
 
 
 class PretrainObjective(Objective):
@@ -37,6 +36,7 @@ class PretrainObjective(Objective):
     loss_key = "lm loss"
     metric_keys = ("lm loss",)
     loss_normalization = "per_microbatch"
+    needs = ObjectiveNeeds(token_data=True, context_parallel=True)  # a per-token loss splits with the sequence
 
     def __init__(self, datasets, micro_batch_size: int, dp_rank: int, dp_size: int, device):
         self.datasets = datasets
@@ -58,6 +58,7 @@ class PretrainObjective(Objective):
         return output, partial(lm_loss, batch["loss_mask"])
 
 
+@builds(PretrainObjective)
 def build_pretrain_objective(run, ctx, tokenizer) -> PretrainObjective:
     """Train/validation/test datasets sized for the run (``train.steps`` global batches, and the
     validation passes ``train.eval_interval`` asks for) from ``data``."""

@@ -7,7 +7,7 @@ hook. At the start of each **rollout batch** (every ``rl.updates_per_batch`` opt
    (across tensor and pipeline parallelism, megatron_seed.inference.weight_sync) into the rollout
    engine, whose version is the optimizer step; no disk round trip.
 2. **rollouts**: ``rl.prompts_per_step`` problems from the pool (:class:`~megatron_seed.training.
-   rl_sampling.ProblemPool`), ``rl.group_size`` samples each at ``rl.temperature`` / ``rl.top_p``;
+   objectives.rl_sampling.ProblemPool`), ``rl.group_size`` samples each at ``rl.temperature`` / ``rl.top_p``;
    every rank generates a share of the prompts and the groups are all-gathered, so every rank
    holds the same batch. The engine returns token ids and per-token log-probs: the trainer trains
    on exactly those ids (nothing is decoded and re-tokenized) and logs how far its own log-probs
@@ -21,7 +21,7 @@ hook. At the start of each **rollout batch** (every ``rl.updates_per_batch`` opt
 
 Each optimizer step then trains on ``train.global_batch_size`` = rollouts / ``rl.updates_per_batch``
 rows, one rollout per row: the prompt and the response, loss on the response tokens (none on a
-truncated response with ``rl.overlong_filter``). The loss (megatron_seed.training.rl_loss) uses
+truncated response with ``rl.overlong_filter``). The loss (megatron_seed.training.objectives.rl_loss) uses
 megatron-core's log-probs of the temperature-scaled logits, normalized over the whole step by the
 loop's per-token normalization (``dapo``: response tokens; ``grpo``: rollouts; ``dr_grpo``:
 rollouts x ``rl.max_new_tokens``), so how rows split into micro-batches and ranks never changes it.
@@ -47,8 +47,13 @@ from typing import Iterator, Optional
 
 import torch
 
-from megatron_seed.training.objective import TOKENS, Objective
-from megatron_seed.training.rl_sampling import Group, PoolExhausted, ProblemPool, overlong_reward, select_groups
+from megatron_seed.config.schema import ConfigError
+from megatron_seed.training.forward_only import forward_only
+from megatron_seed.training.objective import TOKENS, Objective, ObjectiveNeeds, builds
+from megatron_seed.training.objectives.common import (build_reference_chunks, objective_cache_dir, on_rank0_first,
+                                                      run_chat_tokenizer, to_device)
+from megatron_seed.training.objectives.rl_sampling import (Group, PoolExhausted, ProblemPool, overlong_reward,
+                                                           select_groups)
 
 
 def _log(message: str) -> None:
@@ -59,6 +64,24 @@ class RLObjective(Objective):
     name = "rl"
     loss_key = "rl loss"
     loss_normalization = "per_token"
+    # It samples its own data (no token data to check); its loss sums log-probs per rollout, which
+    # context parallelism would split.
+    needs = ObjectiveNeeds(token_data=False, context_parallel=False)
+
+    @classmethod
+    def check_config(cls, run) -> None:
+        r, t = run.rl, run.train
+        if t.global_batch_size != r.rollouts_per_update():
+            raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must equal the rollouts of one "
+                              f"update, rl.prompts_per_step x rl.group_size / rl.updates_per_batch = "
+                              f"{r.rollouts_per_update()}: set train.global_batch_size={r.rollouts_per_update()}")
+        if run.parallel.overlap_param_gather:
+            raise ConfigError("the rl objective needs parallel.overlap_param_gather=false: the rollout engine reads "
+                              "the parameters right after the optimizer step, before an overlapped all-gather would "
+                              "fill them")
+        if run.data.seq_length <= r.max_new_tokens:
+            raise ConfigError(f"data.seq_length ({run.data.seq_length}) must hold a prompt and rl.max_new_tokens "
+                              f"({r.max_new_tokens}) generated tokens")
 
     def __init__(self, run, ctx, chat, problems: list, prompt_ids: list[list[int]], reward_fn, ref_chunks=None):
         self.run, self.ctx, self.chat, self.rl = run, ctx, chat, run.rl
@@ -157,7 +180,7 @@ class RLObjective(Objective):
         return output, partial(self.loss, batch)
 
     def loss(self, batch: dict, logits: torch.Tensor):
-        from megatron_seed.training.rl_loss import policy_loss, reduce_loss, truncated_is_weights
+        from megatron_seed.training.objectives.rl_loss import policy_loss, reduce_loss, truncated_is_weights
 
         rl = self.rl
         logps, entropy = token_logps_and_entropy(logits, batch["labels"], rl.temperature, where=batch["loss_mask"])
@@ -342,7 +365,7 @@ class RLObjective(Objective):
     def _rows_of(self, kept: list[Group]) -> list[dict]:
         """One row per rollout of the kept groups, with its advantage; padding rows (no loss, not a
         rollout) fill the batch when fewer groups than ``rl.prompts_per_step`` were kept."""
-        from megatron_seed.training.rl_loss import group_advantages
+        from megatron_seed.training.objectives.rl_loss import group_advantages
 
         rl = self.rl
         rows = []
@@ -411,19 +434,12 @@ class RLObjective(Objective):
                  "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
                  "advantages": torch.tensor([r["advantage"] for r in rows], dtype=torch.float32),
                  "row_valid": torch.tensor([r["valid"] for r in rows], dtype=torch.bool)}
-        device = self.ctx.device
-        if device.type != "cpu":
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        return batch
+        return to_device(batch, self.ctx.device)
 
-    @torch.no_grad()
     def _score(self, chunks: list, micro: list[list[dict]]) -> list[Optional[torch.Tensor]]:
         """Per-token log-probs (temperature-scaled) of every micro-batch, in order, from one
         forward-only pass of megatron-core's schedule over ``chunks`` (the last stage gets them)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         flat = [b for m in micro for b in m]
-        out: list[Optional[torch.Tensor]] = []
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
@@ -431,20 +447,11 @@ class RLObjective(Objective):
 
             def collect(output):
                 logps, _ = token_logps_and_entropy(output, batch["labels"], self.rl.temperature, entropy=False)
-                out.append(logps.detach())
-                return output.sum() * 0, torch.ones((), dtype=torch.int), {}
+                return output.sum() * 0, torch.ones((), dtype=torch.int), logps.detach()
 
             return logits, collect
 
-        for chunk in chunks:
-            chunk.eval()
-        iterators = [iter(flat) for _ in chunks]
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators[0] if len(chunks) == 1 else iterators,
-            model=chunks, num_microbatches=len(flat), seq_length=self.run.data.seq_length,
-            micro_batch_size=self.run.train.micro_batch_size, forward_only=True)
-        for chunk in chunks:
-            chunk.train()
+        out = forward_only(self.run, chunks, forward_step, [iter(flat) for _ in chunks], len(flat))
         return out if out else [None] * len(flat)
 
 
@@ -507,14 +514,13 @@ def _entropy(logits: torch.Tensor, temperature: float, group, rows_per_chunk: in
     return out.view(shape)
 
 
+@builds(RLObjective)
 def build_rl_objective(run, ctx, tokenizer) -> RLObjective:
     """Problems loaded (rank 0 first: CodeI/O's hidden tests are built once and cached), prompts
     tokenized with the chat template, the reward function imported, the reference model built
     when the KL term is on."""
-    from megatron_seed.config.schema import ConfigError
     from megatron_seed.evaluate.problems import HeldOutError, load_training_problems
-    from megatron_seed.training.rl_rewards import load_reward_fn
-    from megatron_seed.training.sft_objective import on_rank0_first, run_chat_tokenizer
+    from megatron_seed.training.objectives.rl_rewards import load_reward_fn
 
     rl, d = run.rl, run.data
     if not rl.problems:
@@ -523,7 +529,7 @@ def build_rl_objective(run, ctx, tokenizer) -> RLObjective:
     if not run.train.load:
         raise ConfigError("RL starts from a trained policy: set train.load=CKPT (and train.finetune=true)")
     chat = run_chat_tokenizer(run)
-    cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_seed", "rl")
+    cache = objective_cache_dir(run, "rl")
     try:
         problems, errors = on_rank0_first(partial(load_training_problems, rl.problems, cache=cache,
                                                   progress=ctx.is_main), ctx)
@@ -546,7 +552,5 @@ def build_rl_objective(run, ctx, tokenizer) -> RLObjective:
         raise ConfigError(f"rl.problems={rl.problems}: no usable problem (see the counts above)")
     ref_chunks = None
     if rl.kl_coef > 0:
-        from megatron_seed.training.dpo_objective import build_reference_chunks
-
         ref_chunks = build_reference_chunks(run, ctx, run.ref.load or run.train.load)
     return RLObjective(run, ctx, chat, kept, prompt_ids, load_reward_fn(rl.reward), ref_chunks)

@@ -21,19 +21,18 @@ tokens with loss), ``packing_efficiency`` (real tokens / slots of the step's row
 
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Iterator, Optional
 
 import torch
 
-from megatron_seed.training.objective import TOKENS, Objective
+from megatron_seed.training.objective import TOKENS, Objective, ObjectiveNeeds, builds
+from megatron_seed.training.objectives.common import (masked_loss, objective_cache_dir, on_rank0_first,
+                                                      packed_micro_batches, run_chat_tokenizer)
 
 
 def sft_loss(loss_mask: torch.Tensor, real: torch.Tensor, per_token_loss: torch.Tensor):
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
-    count = mask.sum()
+    loss_sum, count = masked_loss(loss_mask, per_token_loss)
     real_tokens = real.sum().to(torch.float64)
     report = {
         "lm loss": torch.stack([loss_sum.detach(), count]),
@@ -51,6 +50,8 @@ class SFTObjective(Objective):
     metric_keys = ("lm loss", "loss_tokens", "packing_efficiency")
     sum_keys = ("loss_tokens",)
     loss_normalization = "per_token"
+    # data.train conversations; without them, data.blend / data.mock is checked as for pretraining.
+    needs = ObjectiveNeeds(token_data=True, context_parallel=True)  # a per-token loss splits with the sequence
 
     def __init__(self, datasets: list, micro_batch_size: int, dp_rank: int, dp_size: int, device,
                  packed_format: str = "mask"):
@@ -62,8 +63,8 @@ class SFTObjective(Objective):
         dataset = self.datasets[split] if split < len(self.datasets) else None
         if dataset is None:
             return None
-        return _micro_batches(dataset, consumed_samples, self.micro_batch_size, self.dp_rank, self.dp_size,
-                              self.device)
+        return packed_micro_batches(dataset, consumed_samples, self.micro_batch_size, self.dp_rank, self.dp_size,
+                                    self.device)
 
     def forward_step(self, data_iterator, model):
         from megatron_seed.data.packing import attention_mask_for
@@ -81,51 +82,7 @@ class SFTObjective(Objective):
         return output, partial(sft_loss, batch["loss_mask"], batch["segment_ids"] > 0)
 
 
-def _micro_batches(dataset, consumed_rows: int, micro_batch_size: int, dp_rank: int, dp_size: int, device):
-    """Endless micro-batches of packed rows for one data-parallel rank. Rows are numbered across
-    epochs (epoch 0's rows, then epoch 1's, each epoch packed anew from its own shuffle); each step
-    covers the next ``micro_batch_size * dp_size`` rows, rank r taking its contiguous share."""
-    from megatron_seed.data.packing import collate
-
-    def locate(g: int) -> tuple[int, int]:
-        epoch = 0
-        while g >= dataset.num_rows(epoch):
-            g -= dataset.num_rows(epoch)
-            epoch += 1
-        return epoch, g
-
-    position = consumed_rows
-    while True:
-        start = position + dp_rank * micro_batch_size
-        rows = [dataset.row(*locate(start + i)) for i in range(micro_batch_size)]
-        position += micro_batch_size * dp_size
-        batch = collate(rows)
-        batch = {k: (v.long() if k != "loss_mask" else v.float()) for k, v in batch.items()}
-        if device is not None and device.type != "cpu":
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        yield batch
-
-
-def run_chat_tokenizer(run):
-    """The chat tokenizer of ``data.tokenizer`` / ``data.chat_template``, checked against the model."""
-    from megatron_seed.config.schema import ConfigError
-    from megatron_seed.data.chat import load_chat_tokenizer
-
-    chat = load_chat_tokenizer(run.data.tokenizer, run.data.chat_template)
-    if chat.vocab_size > run.model.vocab_size:
-        raise ConfigError(f"the chat tokenizer's vocabulary ({chat.vocab_size}) is larger than "
-                          f"model.vocab_size ({run.model.vocab_size})")
-    return chat
-
-
-def on_rank0_first(build, ctx):
-    """``build()`` on rank 0, which tokenizes and publishes a cache, then on the other ranks, which
-    read it: one tokenization per job however many ranks."""
-    data = build() if ctx.rank == 0 else None
-    torch.distributed.barrier()
-    return build() if data is None else data
-
-
+@builds(SFTObjective)
 def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
     """Tokenize (or reuse the cache of) ``data.train`` / ``data.valid`` on rank 0 first, then on
     the other ranks from the cache, and pack them. A prefix from tools/preprocess_sft.py is opened
@@ -140,7 +97,7 @@ def build_sft_objective(run, ctx, tokenizer) -> SFTObjective:
                           "data.train=PREFIX (written by tools/preprocess_sft.py)")
     packed_format = resolve_packed_format(run)  # a config error before any tokenizing
     chat = run_chat_tokenizer(run)
-    cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_seed", "sft")
+    cache = objective_cache_dir(run, "sft")
     datasets = []
     for split in (d.train, d.valid):
         if not split:

@@ -25,7 +25,7 @@ Reference (``ref.load``, default: the checkpoint the policy starts from, ``train
   policy (pipeline parallelism 1 only: the reference's activations would need their own
   pipeline messages). Both modes give the same losses (tested).
 
-Loss (megatron_seed.training.dpo_loss): ``dpo.loss_type`` sigmoid / robust / ipo / hinge with
+Loss (megatron_seed.training.objectives.dpo_loss): ``dpo.loss_type`` sigmoid / robust / ipo / hinge with
 ``dpo.beta`` and ``dpo.label_smoothing``, plus ``dpo.sft_weight`` x the chosen sequence's mean
 token NLL (RPO). Normalized per pair over the whole global batch (the loop's per-token
 normalization with pairs as the unit), so micro-batching and data parallelism do not change it.
@@ -45,10 +45,13 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from megatron_seed.config.schema import ConfigError
 from megatron_seed.data.packing import PackedSFTDataset, build_row
 from megatron_seed.models.masks import segment_ids_to_attention_mask
-from megatron_seed.training.objective import TOKENS, Objective
-from megatron_seed.training.sft_objective import _micro_batches, on_rank0_first, run_chat_tokenizer
+from megatron_seed.training.forward_only import forward_only
+from megatron_seed.training.objective import TOKENS, Objective, builds
+from megatron_seed.training.objectives.common import (build_reference_chunks, collate_rows, objective_cache_dir,
+                                                      on_rank0_first, packed_micro_batches, run_chat_tokenizer)
 
 
 class PackedPairDataset(PackedSFTDataset):
@@ -91,6 +94,14 @@ class DPOObjective(Objective):
                    "logps/chosen", "logps/rejected", "pairs", "packing_efficiency")
     sum_keys = ("pairs",)
     loss_normalization = "per_token"  # the unit is a pair: loss = sum over pairs / pairs in the global batch
+    # needs: the defaults (data.train pairs or else token data checked; its loss sums log-probs per
+    # sequence, so no context parallelism)
+
+    @classmethod
+    def check_config(cls, run) -> None:
+        if run.ref.mode == "live" and run.parallel.pipeline > 1:
+            raise ConfigError("ref.mode=live needs parallel.pipeline=1; use ref.mode=precomputed (the default) "
+                              "with pipeline parallelism")
 
     def __init__(self, datasets: list, ref_logps: list, dpo, micro_batch_size: int, dp_rank: int, dp_size: int,
                  device, reference: str, ref_chunk=None):
@@ -111,8 +122,8 @@ class DPOObjective(Objective):
         dataset = self.datasets[split] if split < len(self.datasets) else None
         if dataset is None:
             return None
-        return _tagged(_micro_batches(dataset, consumed_samples, self.micro_batch_size, self.dp_rank,
-                                      self.dp_size, self.device), split)
+        return _tagged(packed_micro_batches(dataset, consumed_samples, self.micro_batch_size, self.dp_rank,
+                                            self.dp_size, self.device), split)
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -128,7 +139,7 @@ class DPOObjective(Objective):
 
     def loss(self, batch: dict, ref_per_token: Optional[torch.Tensor], table: Optional[torch.Tensor],
              per_token_loss: torch.Tensor):
-        from megatron_seed.training.dpo_loss import dpo_losses, dpo_metrics, sft_term
+        from megatron_seed.training.objectives.dpo_loss import dpo_losses, dpo_metrics, sft_term
 
         chosen, rejected, chosen_tokens, rejected_tokens, index = sequence_logps(
             per_token_loss, batch["loss_mask"], batch["segment_ids"], batch["pair_index"])
@@ -178,24 +189,6 @@ def reference_cache_path(cache_dir: str, data_keys: list[str], ref_checkpoint: s
     return os.path.join(cache_dir, f"dpo-ref-{key}.npy")
 
 
-def build_reference_chunks(run, ctx, ref_load: str) -> list:
-    """The reference model with the run's layout and precision, weights from ``ref_load``, in
-    eval mode and without gradients."""
-    from megatron.core.transformer.module import Float16Module
-
-    from megatron_seed.checkpoint.checkpointer import Checkpointer
-    from megatron_seed.models.gpt import build_model_chunks
-
-    chunks = build_model_chunks(run.model, run.parallel, run.train, run.data.seq_length, run.train.seed)
-    Checkpointer(ctx, None).load(ref_load, chunks, None, None, with_optimizer=False, finetune=True)
-    if run.train.precision == "bf16":
-        chunks = [Float16Module(chunks[0].config, c) for c in chunks]
-    for chunk in chunks:
-        chunk.eval()
-        chunk.requires_grad_(False)
-    return chunks
-
-
 @torch.no_grad()
 def compute_reference_logps(run, ctx, chunks: list, dataset: PackedPairDataset, num_pairs: int) -> np.ndarray:
     """``[num_pairs, 2]`` float64 (chosen, rejected) reference log-probs from one forward-only pass
@@ -203,44 +196,32 @@ def compute_reference_logps(run, ctx, chunks: list, dataset: PackedPairDataset, 
     data-parallel ranks, padded with empty rows to equal micro-batch counts; the last pipeline
     stage collects, data-parallel ranks gather, the last stage broadcasts down the pipeline."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mbs = run.train.micro_batch_size
     rows = list(dataset.plan(0).rows)
     per_rank = -(-len(rows) // (mbs * ctx.dp)) * mbs  # rows per rank, whole micro-batches
     mine = [rows[i] for i in range(ctx.dp_rank, len(rows), ctx.dp)]
     mine += [np.zeros(0, dtype=np.int64)] * (per_rank - len(mine))
-    collected: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def batches():
-        from megatron_seed.data.packing import collate
-
         for lo in range(0, per_rank, mbs):
-            batch = collate([dataset.build(r) for r in mine[lo:lo + mbs]])
-            batch = {k: (v.long() if k != "loss_mask" else v.float()) for k, v in batch.items()}
-            if ctx.device.type != "cpu":
-                batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            yield batch
+            yield collate_rows([dataset.build(r) for r in mine[lo:lo + mbs]], ctx.device)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], segment_ids_to_attention_mask(batch["segment_ids"]),
                        labels=batch["labels"])
 
-        def collect(per_token_loss):
+        def collect(per_token_loss):  # (data-set indices, chosen, rejected) of the micro-batch's pairs
             chosen, rejected, _, _, index = sequence_logps(per_token_loss, batch["loss_mask"], batch["segment_ids"],
                                                         batch["pair_index"])
-            collected.append((index.cpu().numpy(), chosen.double().cpu().numpy(), rejected.double().cpu().numpy()))
             one = torch.ones((), device=per_token_loss.device)
-            return per_token_loss.sum() * 0, one.to(torch.int), {}
+            return (per_token_loss.sum() * 0, one.to(torch.int),
+                    (index.cpu().numpy(), chosen.double().cpu().numpy(), rejected.double().cpu().numpy()))
 
         return output, collect
 
-    iterators = [batches() for _ in chunks]
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators[0] if len(chunks) == 1 else iterators,
-        model=chunks, num_microbatches=per_rank // mbs, seq_length=run.data.seq_length, micro_batch_size=mbs,
-        forward_only=True)
+    collected = forward_only(run, chunks, forward_step, [batches() for _ in chunks], per_rank // mbs)
     gathered: list = [None] * ctx.dp
     torch.distributed.all_gather_object(gathered, collected, group=parallel_state.get_data_parallel_group())
     box = [gathered]
@@ -268,10 +249,10 @@ def resumed_reference(train) -> Optional[str]:
     return (objective.get("state") or {}).get("reference") if objective.get("name") == "dpo" else None
 
 
+@builds(DPOObjective)
 def build_dpo_objective(run, ctx, tokenizer) -> DPOObjective:
     """Pairs tokenized (rank 0 first, then the others from the cache), reference log-probs computed
     once or read from the cache (``ref.mode=precomputed``), or a reference model kept (``live``)."""
-    from megatron_seed.config.schema import ConfigError
     from megatron_seed.data.preference_data import build_pair_data
 
     d, t = run.data, run.train
@@ -282,11 +263,8 @@ def build_dpo_objective(run, ctx, tokenizer) -> DPOObjective:
     if not ref_load:
         raise ConfigError("DPO needs a reference model: set train.load=CKPT (the policy's start, also the "
                           "default reference) or ref.load=CKPT")
-    if run.ref.mode == "live" and run.parallel.pipeline > 1:
-        raise ConfigError("ref.mode=live needs parallel.pipeline=1; use ref.mode=precomputed (the default) "
-                          "with pipeline parallelism")
-    chat = run_chat_tokenizer(run)
-    cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "megatron_seed", "dpo")
+    chat = run_chat_tokenizer(run)  # (ref.mode=live with pipeline stages: DPOObjective.check_config)
+    cache = objective_cache_dir(run, "dpo")
     datasets, pair_data = [], []
     for split in (d.train, d.valid):
         if not split:
