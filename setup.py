@@ -10,7 +10,9 @@ setup(
     packages=find_packages(include=["megatron_seed*", "datatrove_pipelines*"]) + ["megatron_seed_kernels"],
     package_dir={"megatron_seed_kernels": "kernels/megatron_seed_kernels"},
     package_data={"megatron_seed.sandbox": ["launcher.py", "zygote.py"],
-                  "megatron_seed.evaluate": ["assets/*.jsonl"]},
+                  "megatron_seed.evaluate": ["assets/*.jsonl"],
+                  # gitleaks' rules (MIT), vendored with their version: datatrove_pipelines/rules/NOTICE
+                  "datatrove_pipelines": ["rules/gitleaks.toml", "rules/NOTICE", "rules/LICENSE-gitleaks"]},
     python_requires=">=3.10",
     install_requires=[
         # Any torch >= 2.4; on machines without a GPU install.sh pins the CPU build (2.13.0).
@@ -58,7 +60,9 @@ setup(
         "data": ["datatrove[processing,io]", "pyarrow", "matplotlib", "detect-secrets", "bm25s", "tree-sitter",
                  "tree-sitter-python",
                  "tree-sitter-c", "tree-sitter-cpp", "tree-sitter-java", "tree-sitter-javascript", "tree-sitter-go",
-                 "tree-sitter-rust", "tree-sitter-bash", "fasttext-numpy2-wheel"],
+                 "tree-sitter-rust", "tree-sitter-bash", "fasttext-numpy2-wheel",
+                 # the vendored gitleaks rules are TOML: tomllib from Python 3.11, tomli before
+                 "tomli; python_version<'3.11'"],
         # GPU pieces: need CUDA; never installed by install.sh on a machine without a GPU.
         "te": ["transformer-engine[pytorch]"],
         "flash": ["flash-attn"],

@@ -273,14 +273,14 @@ def _stage_stats(out: str, name: str) -> dict:
 def write_stats(out: str, args) -> dict:
     """stats.json: files read = kept + dropped per stage and reason, from datatrove's own stats."""
     from datatrove_pipelines.label_audit import headline, write_label_audit
-    from datatrove_pipelines.redaction import SecretRedactor
+    from datatrove_pipelines.redaction import SecretRedactor, rule_set_info
 
     stages = {name: _stage_stats(out, name) for name in STAGES}
     reader = {k.split("::", 1)[1]: v for k, v in stages["filter"].items() if "READER" in k.split("::", 1)[0]}
     documents_in = reader.get("files", reader.get("records", reader.get("documents", 0)))
     # Vendored directories are skipped whole (counted per directory, their files never read).
     dropped = {f"read/{k}": v for k, v in reader.items() if k.startswith("skipped_") and k != "skipped_vendored"}
-    redacted = {}
+    redacted, redacted_by_rule = {}, {}
     for name, values in stages.items():
         for key, value in values.items():
             step, stat = key.split("::", 1)
@@ -290,6 +290,8 @@ def write_stats(out: str, args) -> dict:
                 dropped[f"{prefix}/{stat}"] = dropped.get(f"{prefix}/{stat}", 0) + value
             if step.endswith(SecretRedactor.name) and stat.startswith("redacted_"):
                 redacted[stat] = redacted.get(stat, 0) + value
+            if step.endswith(SecretRedactor.name) and stat.startswith("rule/"):  # secrets per rule (source)
+                redacted_by_rule[stat[5:]] = redacted_by_rule.get(stat[5:], 0) + value
             if name == "near_filter" and stat == "dropped":
                 dropped["near_filter/dropped_near_duplicate"] = dropped.get("near_filter/dropped_near_duplicate", 0) + value
     kept = sum(v for k, v in stages["select"].items() if k.endswith("::forwarded") and "FILTER" in k)
@@ -299,6 +301,9 @@ def write_stats(out: str, args) -> dict:
     stats = {"documents_in": documents_in, "kept": kept, "dropped": dropped, "dropped_total": sum(dropped.values()),
              "reconciles": documents_in == kept + sum(dropped.values()),
              "vendored_directories_skipped": reader.get("skipped_vendored", 0), "redacted": redacted,
+             "redacted_by_rule": dict(sorted(redacted_by_rule.items())),
+             # The secrets rule set (name, version, rules run and skipped): None with --no-redact.
+             "redaction_rules": rule_set_info() if getattr(args, "redact", True) else None,
              "drop_fraction": args.drop_fraction, "audit": headline(audit), "stages": stages}
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)

@@ -2,24 +2,42 @@
 
 Every hit is replaced in the text by a typed placeholder:
 
-* ``<SECRET>``       keys, tokens and passwords. Found by ``detect-secrets`` (pip ``detect-secrets``)
-                     with a curated set of keyword-free, format-specific plugins (AWS, GitHub,
-                     GitLab, Slack, Stripe, OpenAI, JWT, Basic-auth URLs, npm, PyPI, SendGrid,
-                     Twilio, ...), each line scanned in memory, plus our own regexes for the common
-                     token formats (``ghp_...``, ``github_pat_...``, ``xox[baprs]-...``,
-                     ``AKIA``/``ASIA`` + 16, ``sk-...``, ``sk_live_...``, ``AIza...``, ``glpat-...``)
-                     so a format detect-secrets misses (or a release that drops a plugin) is still
-                     redacted. Left out on purpose: the entropy plugins (Base64/Hex high entropy),
-                     which flag hashes, test vectors, base64 data and minified code everywhere in
-                     code; the keyword plugin (``password = ...`` with any value: mostly variable
-                     names and placeholders in code); detect-secrets' private-key plugin (it flags
-                     the marker ``BEGIN RSA PRIVATE KEY`` alone, which every PEM parser contains: we
-                     redact whole key blocks instead); its public-IP plugin (our IP rule below);
-                     its Telegram plugin (unanchored ``\\d{8,10}:...``: it fires inside AWS ARNs).
+* ``<SECRET>``       keys, tokens and passwords, found by four sources:
+
+  1. **gitleaks' rule set** (``rules/gitleaks.toml``, vendored unchanged at the version in
+     ``secret_rules.RULE_SET``): ~220 vendor formats and its ``generic-api-key`` rule, run as
+     gitleaks runs them (keywords, secretGroup, entropy, allowlists, paths); what of it is changed
+     and what not applied: ``secret_rules.py``.
+  2. **Credentials named by their variable** (``credential:*``, ``secret_rules.py``): a value
+     assigned to a credential name (``*_API_KEY``, ``HF_TOKEN``, ``password=``, ``?api_key=...``)
+     when it has a credential's shape.
+  3. ``detect-secrets`` (pip ``detect-secrets``) with a curated set of keyword-free,
+     format-specific plugins (AWS, GitHub, GitLab, Slack, Stripe, OpenAI, JWT, Basic-auth URLs, npm,
+     PyPI, SendGrid, Twilio, Azure storage keys, ...). A plugin's ``analyze_string`` runs on the
+     lines that hold a literal every match of one of its patterns contains (derived from the
+     patterns; a pattern without one gates on a whole-text search): the same findings as on every
+     line. A Basic-auth password that is a placeholder (``user:pass@``, ``<user>:<password>@``) is
+     kept; a value under 6 characters from another plugin is a pattern's group, not a secret (the
+     GitHub plugin yields ``ghp``, which used to be redacted wherever it stood on the line). Left
+     out on purpose: the entropy plugins (Base64/Hex high entropy), which flag hashes, test
+     vectors, base64 data and minified code everywhere in code; the keyword plugin (any value
+     after ``password =``: source 2 asks for a credential's shape); the private-key plugin (it flags
+     the marker ``BEGIN RSA PRIVATE KEY`` alone, which every PEM parser contains); its public-IP
+     plugin (our IP rule below); its Telegram plugin (unanchored ``\\d{8,10}:...``: it fires inside
+     AWS ARNs; gitleaks' telegram rule needs its keyword). The Artifactory plugin runs with our
+     copy of its patterns (``DENYLIST_OVERRIDES``): its own end a token only at whitespace, ``"``
+     or the line's end (a URL's ``?key=AKC...&page=2`` was missed) and report it with the ``=``
+     and quotes around it; ours also end it at ``&`` or ``#`` and report the token alone.
+  4. Our regexes for the common token formats (``secret_rules.TOKENS``).
+
+  Where hits overlap, the longer wins, then detect-secrets, ours, gitleaks' format rules, its
+  generic rule, credentials by name (``Hit.source`` names the one kept).
 * ``<PRIVATE_KEY>``  a whole PEM/OpenSSH/PGP private-key block, ``-----BEGIN ... PRIVATE KEY-----``
                      to the matching ``-----END ...-----``, whose body is key material (base64,
                      PEM headers, string quotes and ``\\n`` escapes, at least 64 characters); a
-                     marker without a body (a parser's constant) stays.
+                     marker without a body (a parser's constant) stays. gitleaks' ``private-key``
+                     rule counts only with such a body (alone it spans any text between two
+                     markers, such as a parser's two constants).
 * ``<EMAIL>``        e-mail addresses, except (kept) addresses at documentation domains per RFC
                      2606/6761 (``example.com``/``.org``/``.net``, any ``example.*`` label, the TLDs
                      ``.test``, ``.example``, ``.invalid``, ``.localhost``), ``git@host`` SSH remotes
@@ -44,19 +62,22 @@ A file whose redacted characters exceed ``max_redacted_fraction`` (default 0.5) 
 "mostly secrets" (a key file, a credentials dump) and dropped with the reason ``mostly_secrets``
 (reported as ``redaction/dropped_mostly_secrets`` in stats.json); every other file is kept,
 redacted. Counts per kind go to the step's stats (``redacted_email``, ``redacted_ip_address``,
-``redacted_secret``, ``redacted_private_key``, and ``redacted_files``) and to the document's
-metadata (the same four keys, 0 when none, so every record has the same columns for parquet).
+``redacted_secret``, ``redacted_private_key``, and ``redacted_files``; per rule as ``rule/<source>``,
+stats.json's ``redacted_by_rule``) and to the document's metadata (the same four keys, 0 when none,
+so every record has the same columns for parquet). Speed and recall: ``bench/redaction.py``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
+
+from datatrove_pipelines.secret_rules import (PLACEHOLDER, RULE_SET, TOKENS, Hit, credential_hits, gitleaks_hits,
+                                              gitleaks_rules, lowercase, required_literals, token_hits)
 
 KINDS = ("private_key", "secret", "email", "ip_address")  # also the priority when hits overlap
 PLACEHOLDERS = {"private_key": "<PRIVATE_KEY>", "secret": "<SECRET>", "email": "<EMAIL>",
@@ -71,6 +92,17 @@ DETECT_SECRETS_PLUGINS = (
     ("sendgrid", "SendGridDetector"), ("slack", "SlackDetector"), ("square_oauth", "SquareOAuthDetector"),
     ("stripe", "StripeDetector"), ("twilio", "TwilioKeyDetector"),
 )
+# detect-secrets' Artifactory patterns, (?:\s|=|:|"|^)AKC...(?:\s|"|$), end a token only at whitespace, '"' or
+# the line's end, so they miss a URL's query value (?key=AKC...&page=2), and they report the token with the
+# characters around it, which were redacted with it ('TOKEN = <SECRET>', its quotes gone). Ours, run in
+# their place: the same tokens, also ended by a URL's '&' or '#' (looked at, not consumed), the token alone
+# (their group) reported.
+DENYLIST_OVERRIDES = {
+    "ArtifactoryDetector": (
+        re.compile(r'(?:\s|=|:|"|^)(AKC[a-zA-Z0-9]{10,})(?=\s|"|$|[&#])'),  # API token
+        re.compile(r'(?:\s|=|:|"|^)(AP[\dABCDEF][a-zA-Z0-9]{8,})(?=\s|"|$|[&#])'),  # encrypted password
+    ),
+}
 INSTALL_HINT = ("the redaction step needs detect-secrets: pip install detect-secrets (it is in the 'data' extra: "
                 "pip install -e .[data]), or run curate with --no-redact")
 
@@ -78,17 +110,6 @@ PRIVATE_KEY = re.compile(
     r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY((?: BLOCK)?)-----"
     r"[A-Za-z0-9+/=\s\"'\\,:.()-]{64,}?"
     r"-----END \1PRIVATE KEY\2-----")
-TOKENS = {
-    "github": re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{60,255})\b"),
-    "gitlab": re.compile(r"\bglpat-[A-Za-z0-9_-]{20,50}(?![\w-])"),
-    "slack": re.compile(r"\bxox[baprs]-[A-Za-z0-9-]{10,}"),
-    "aws_access_key": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
-    "openai": re.compile(r"\bsk-(?:proj-|svcacct-)?[A-Za-z0-9_-]{32,}"),
-    "stripe": re.compile(r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}\b"),
-    "google_api_key": re.compile(r"\bAIza[0-9A-Za-z_-]{35}(?![\w-])"),
-    # detect-secrets' JWT regex ends lazily and can stop inside the signature: the whole token.
-    "jwt": re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
-}
 # The local part may not follow ':' or '/' (then it is a URL's user or password) unless after
 # "mailto:"; the domain needs a dot and a letters-only TLD.
 EMAIL = re.compile(r"(?:(?<=mailto:)|(?<![\w.%+:/-]))([A-Za-z0-9][A-Za-z0-9._%+-]*)@"
@@ -98,6 +119,7 @@ FILE_EXTENSIONS = {"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "bmp", "js
                    "json", "html", "htm", "md", "txt", "xml", "yaml", "yml", "pdf", "zip", "gz"}
 # Not after a hyphen either: "section-4.7.1.1", "pkg-1.2.3.4" are section and version numbers.
 IPV4 = re.compile(r"(?<![\w.-])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?!\w|\.\w)")
+DOTTED_QUAD = re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")  # in every IPV4 match: files without one skip IPV4
 # Version context right before a dotted quad; a plain "=" is an assignment, not a version pin.
 VERSION_BEFORE = re.compile(r"(?:\bv|\bversion|\bver|\brelease|==|>=|<=|~=|!=|\^|~)\s*[:=]?\s*[\"']?$",
                             re.IGNORECASE)
@@ -105,14 +127,7 @@ PUBLIC_DNS = {"8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9", "149.112.11
               "208.67.220.220", "4.2.2.2", "4.2.2.1"}
 
 
-@dataclass(frozen=True)
-class Hit:
-    start: int
-    end: int
-    kind: str  # one of KINDS
-    source: str  # "detect-secrets:<secret type>" or "regex:<name>"
-
-
+# ------------------------------------------------------------------ detect-secrets
 @lru_cache(maxsize=1)
 def detect_secrets_plugins() -> tuple:
     """The curated detect-secrets plugins, instantiated once per process (they hold no state).
@@ -124,34 +139,95 @@ def detect_secrets_plugins() -> tuple:
                    for name, _ in DETECT_SECRETS_PLUGINS}
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
-    return tuple(getattr(modules[name], cls)() for name, cls in DETECT_SECRETS_PLUGINS)
+    plugins = []
+    for name, cls in DETECT_SECRETS_PLUGINS:
+        plugin = getattr(modules[name], cls)()
+        if cls in DENYLIST_OVERRIDES:  # this instance's patterns: the class stays as detect-secrets ships it
+            plugin.denylist = DENYLIST_OVERRIDES[cls]
+        plugins.append(plugin)
+    return tuple(plugins)
 
 
-def _detect_secrets_hits(text: str) -> list[Hit]:
-    """Runs the plugins' ``analyze_string`` on each line (the unit detect-secrets scans); it yields
-    secret values, located again in the line. Called directly rather than through ``scan_line``,
-    which goes through detect-secrets' process-wide settings and filters."""
-    plugins = detect_secrets_plugins()
+@lru_cache(maxsize=1)
+def _detect_secrets_plan() -> tuple:
+    """Per plugin: (plugin, case-sensitive literals, lowercase literals, gates). A line can hold a
+    finding of the plugin only if it holds one of the literals, or (a pattern without a literal)
+    if the pattern's MULTILINE copy finds something in the whole text."""
+    plan = []
+    for plugin in detect_secrets_plugins():
+        exact, folded, gates = set(), set(), []
+        for regex in getattr(plugin, "denylist", None) or ():
+            fold = bool(regex.flags & re.IGNORECASE)
+            lits = required_literals(regex.pattern, regex.flags, fold=fold)
+            if lits is None:
+                gates.append(re.compile(regex.pattern, regex.flags | re.MULTILINE))
+            else:
+                (folded if fold else exact).update(lits)
+        if not (exact or folded or gates):  # no denylist: every line, as before
+            gates.append(re.compile(""))
+        plan.append((plugin, tuple(exact), tuple(folded), tuple(gates)))
+    return tuple(plan)
+
+
+def _detect_secrets_hits(text: str, low: str | None = None) -> list[Hit]:
+    """Runs the plugins' ``analyze_string`` on each line (the unit detect-secrets scans) that can
+    hold a finding; it yields secret values, located again in the line. Called directly rather
+    than through ``scan_line``, which goes through detect-secrets' process-wide settings and filters."""
+    low = lowercase(text) if low is None else low
+    lines = None
     hits = []
-    offset = 0
-    for line in text.splitlines(keepends=True):
-        for plugin in plugins:
+    for rank, (plugin, exact, folded, gates) in enumerate(_detect_secrets_plan()):
+        exact = [w for w in exact if w in text]
+        folded = [w for w in folded if w in low]
+        every_line = any(g.search(text) for g in gates)
+        if not (exact or folded or every_line):
+            continue
+        if lines is None:
+            lines, offset = [], 0
+            for line in text.splitlines(keepends=True):
+                lines.append((offset, line))
+                offset += len(line)
+        for offset, line in lines:
+            if not (every_line or any(w in line for w in exact)
+                    or (folded and any(w in low[offset:offset + len(line)] for w in folded))):
+                continue
             for value in set(plugin.analyze_string(line)):
                 value = value.strip()
-                if not value:
+                # A plugin yields a pattern's group when it has one: GitHub's "(ghp|gho|...)_..." yields
+                # "ghp", which would redact every "ghp" of the line. The token itself is ours and gitleaks'.
+                if len(value) < 6 and plugin.secret_type != "Basic Auth Credentials":
                     continue
-                # A Basic-auth password can be short and common ("pass"): only its place in the URL.
+                # A Basic-auth password can be short and common ("pass"): only its place in the URL;
+                # a placeholder ("user:pass@", "<user>:<password>@") is no password.
                 if plugin.secret_type == "Basic Auth Credentials":
+                    if PLACEHOLDER.search(value) or value.lower() in ("pass", "pw", "pwd"):
+                        continue
                     pattern = re.compile(r"(?<=:)" + re.escape(value) + r"(?=@)")
                 else:
                     pattern = re.compile(re.escape(value))
                 for m in pattern.finditer(line):
-                    hits.append(Hit(offset + m.start(), offset + m.end(), "secret",
-                                    f"detect-secrets:{plugin.secret_type}"))
-        offset += len(line)
-    return hits
+                    hits.append((offset, rank, Hit(offset + m.start(), offset + m.end(), "secret",
+                                                   f"detect-secrets:{plugin.secret_type}")))
+    return [h for _, _, h in sorted(hits, key=lambda x: x[:2])]
 
 
+# ------------------------------------------------------------------ what runs, for stats.json
+def rule_set_info() -> dict:
+    """The rule set's name and version and what of it runs: for curate's stats.json."""
+    rules = gitleaks_rules()
+    try:
+        from importlib.metadata import version
+
+        ds = version("detect-secrets")
+    except Exception:  # noqa: BLE001
+        ds = None
+    return {"name": RULE_SET["name"], "version": RULE_SET["version"], "commit": RULE_SET["commit"],
+            "rules": rules.total, "rules_used": len(rules.rules), "rules_skipped": dict(rules.skipped),
+            "detect_secrets": ds, "detect_secrets_plugins": [cls for _, cls in DETECT_SECRETS_PLUGINS],
+            "own_rules": sorted(TOKENS) + ["private_key_block", "credential_by_name"]}
+
+
+# ------------------------------------------------------------------ e-mails, IPs, the whole
 def _email_kept(local: str, domain: str, tld: str) -> bool:
     labels = domain.lower().split(".")
     return (tld.lower() in DOC_TLDS or "example" in labels or local.lower() == "git"
@@ -173,28 +249,44 @@ def _ip_kept(text: str, m: re.Match) -> bool:
     return bool(VERSION_BEFORE.search(text[max(line_start, m.start() - 20):m.start()]))
 
 
-def find_hits(text: str) -> list[Hit]:
+SOURCE_RANK = {"detect-secrets": 0, "regex": 1, "gitleaks": 2, "credential": 3}
+
+
+def find_hits(text: str, path: str | None = None) -> list[Hit]:
     """All redactions for the text, non-overlapping, in order. Where hits overlap the one of the
-    higher-priority kind (KINDS order), then the longer, wins; detect-secrets before our regex."""
-    hits = [Hit(m.start(), m.end(), "private_key", "regex:pem") for m in PRIVATE_KEY.finditer(text)]
-    hits += _detect_secrets_hits(text)
-    hits += [Hit(m.start(), m.end(), "secret", f"regex:{name}") for name, regex in TOKENS.items()
-             for m in regex.finditer(text)]
-    hits += [Hit(m.start(), m.end(), "email", "regex:email") for m in EMAIL.finditer(text)
-             if not _email_kept(*m.groups())]
-    hits += [Hit(m.start(), m.end(), "ip_address", "regex:ipv4") for m in IPV4.finditer(text)
-             if not _ip_kept(text, m)]
+    higher-priority kind (KINDS order), then the longer, wins; then detect-secrets, our regexes,
+    gitleaks' format rules, its generic rule, credentials by name. ``path`` (the file's, if known)
+    lets the gitleaks rules that are bound to a file type run."""
+    low = lowercase(text)
+    found = gitleaks_rules().words.find(low)
+    hits = [Hit(m.start(), m.end(), "private_key", "regex:pem") for m in PRIVATE_KEY.finditer(text)] \
+        if "-----BEGIN" in text else []
+    hits += _detect_secrets_hits(text, low)
+    hits += token_hits(text, found)
+    hits += gitleaks_hits(text, found, path)
+    hits += credential_hits(text, low, found)
+    if "@" in text:
+        hits += [Hit(m.start(), m.end(), "email", "regex:email") for m in EMAIL.finditer(text)
+                 if not _email_kept(*m.groups())]
+    if DOTTED_QUAD.search(text):
+        hits += [Hit(m.start(), m.end(), "ip_address", "regex:ipv4") for m in IPV4.finditer(text)
+                 if not _ip_kept(text, m)]
+
+    def rank(h: Hit):
+        family = h.source.split(":", 1)[0]
+        generic = h.source == "gitleaks:generic-api-key"
+        return KINDS.index(h.kind), h.start - h.end, SOURCE_RANK[family] + generic
+
     chosen: list[Hit] = []
-    for hit in sorted(hits, key=lambda h: (KINDS.index(h.kind), h.start - h.end,
-                                           not h.source.startswith("detect-secrets"))):
+    for hit in sorted(hits, key=rank):
         if all(hit.end <= c.start or hit.start >= c.end for c in chosen):
             chosen.append(hit)
     return sorted(chosen, key=lambda h: h.start)
 
 
-def redact(text: str, hits: list[Hit] | None = None) -> tuple[str, list[Hit]]:
+def redact(text: str, hits: list[Hit] | None = None, path: str | None = None) -> tuple[str, list[Hit]]:
     """The text with every hit replaced by its placeholder, and the hits."""
-    hits = find_hits(text) if hits is None else hits
+    hits = find_hits(text, path) if hits is None else hits
     parts, last = [], 0
     for hit in hits:
         parts += [text[last:hit.start], PLACEHOLDERS[hit.kind]]
@@ -212,10 +304,11 @@ class SecretRedactor(BaseFilter):
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         detect_secrets_plugins()  # fail at the start of the task, with the install hint
+        gitleaks_rules()
         yield from super().run(data, rank, world_size)
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        text, hits = redact(doc.text)
+        text, hits = redact(doc.text, path=doc.metadata.get("path") or None)
         counts = {kind: 0 for kind in KINDS}
         for hit in hits:
             counts[hit.kind] += 1
@@ -226,6 +319,9 @@ class SecretRedactor(BaseFilter):
             doc.metadata[f"redacted_{kind}"] = count
             if count:
                 self.stat_update(f"redacted_{kind}", value=count)
+        for hit in hits:
+            if hit.kind in ("secret", "private_key"):
+                self.stat_update(f"rule/{hit.source}")
         if hits:
             self.stat_update("redacted_files")
             doc.text = text

@@ -20,7 +20,7 @@ IMPORT_NAMES = {"megatron_seed", "megatron_seed_kernels", "datatrove_pipelines"}
 # Files code opens by path (e.g. the sandbox launcher) must be in the wheel too; no other non-.py
 # file is read at run time today. A new data file used by the code belongs in this list.
 DATA_FILES = ("megatron_seed/sandbox/launcher.py", "megatron_seed/sandbox/zygote.py",
-              "megatron_seed/evaluate/assets/starter_problems.jsonl")
+              "megatron_seed/evaluate/assets/starter_problems.jsonl", "datatrove_pipelines/rules/gitleaks.toml")
 
 
 def _build_wheel(tmp_path: Path) -> Path:
