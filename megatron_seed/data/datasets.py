@@ -82,6 +82,12 @@ def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
         position += micro_batch_size * dp_size
         batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples])
                  for key in ("tokens", "labels", "loss_mask", "position_ids")}
-        if device is not None and device.type != "cpu":
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        yield batch
+        yield to_device(batch, device)
+
+
+def to_device(batch: dict, device) -> dict:
+    """``batch``'s tensors on ``device``, copied without blocking; as they are on the CPU (or with no
+    device), where a copy would only cost time. Every objective's micro-batches go through here."""
+    if device is None or device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

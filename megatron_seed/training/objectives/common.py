@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from megatron_seed.data.datasets import to_device
+
 
 def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fp32 sum of the per-token losses where ``loss_mask`` is set, and how many tokens that is
@@ -18,14 +20,6 @@ def masked_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> tuple[
     ``finalize_model_grads`` divides by the count."""
     mask = loss_mask.reshape(-1).float()
     return (per_token_loss.float().reshape(-1) * mask).sum(), mask.sum()
-
-
-def to_device(batch: dict, device) -> dict:
-    """``batch``'s tensors on ``device``, copied without blocking; as they are on the CPU (or with no
-    device), where a copy would only cost time."""
-    if device is None or device.type == "cpu":
-        return batch
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def collate_rows(rows: list, device) -> dict:

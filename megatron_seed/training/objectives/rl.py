@@ -48,10 +48,11 @@ from typing import Iterator, Optional
 import torch
 
 from megatron_seed.config.schema import ConfigError
+from megatron_seed.data.datasets import to_device
 from megatron_seed.training.forward_only import forward_only
 from megatron_seed.training.objective import TOKENS, Objective, ObjectiveNeeds, builds
 from megatron_seed.training.objectives.common import (build_reference_chunks, objective_cache_dir, on_rank0_first,
-                                                      run_chat_tokenizer, to_device)
+                                                      run_chat_tokenizer)
 from megatron_seed.training.objectives.rl_sampling import (Group, PoolExhausted, ProblemPool, overlong_reward,
                                                            select_groups)
 
